@@ -1,0 +1,232 @@
+"""One dataclass tree for the model, its placement and the engine's limits.
+
+Model dataclasses are read from an official LLaMA-Omni2 `config.json` (MODEL_SPEC §1.2) and written back in the
+same form by the random-checkpoint writer, so `ModelConfig.from_dict(cfg.to_dict())` round-trips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Fixed by the official code, not by config.json: the projector's hidden width is a literal 2048 in
+# EncoderProjectorConcat, and Whisper's attention heads are always 64 wide (large-v3: 1280 / 20).
+PROJECTOR_HIDDEN = 2048
+WHISPER_HEAD_DIM = 64
+WHISPER_N_MELS = 128
+WHISPER_N_CTX = 1500  # encoder positions for 30 s of audio; Whisper asserts this exact length
+
+
+class ConfigError(ValueError):
+    """A config.json (or a user-supplied option) that the engine cannot run."""
+
+
+@dataclass(frozen=True)
+class Qwen2Config:
+    """Dimensions of a Qwen2 decoder: the thinker (top level of config.json) or the TTS LM (`speech_generator`)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    hidden_act: str = "silu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"{self.num_attention_heads} heads are not a multiple of {self.num_key_value_heads} KV heads")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (Qwen2 uses silu)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Qwen2Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if n not in d]
+        if missing:
+            raise ConfigError(f"Qwen2 config lacks {missing}")
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kw["tie_word_embeddings"] = bool(kw.get("tie_word_embeddings", False))
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class WhisperEncoderConfig:
+    """Whisper AudioEncoder dims. The official code builds it from large-v3.pt; we read the width from
+    config.json and the depth/positions from the checkpoint's tensors (heads = width / 64)."""
+
+    n_state: int = 1280
+    n_layer: int = 32
+    n_mels: int = WHISPER_N_MELS
+    n_ctx: int = WHISPER_N_CTX
+
+    @property
+    def n_head(self) -> int:
+        return self.n_state // WHISPER_HEAD_DIM
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """EncoderProjectorConcat: stack `ds_rate` encoder frames, Linear(E*k, 2048), ReLU, Linear(2048, H)."""
+
+    ds_rate: int = 5
+    encoder_dim: int = 1280
+    hidden: int = PROJECTOR_HIDDEN
+    out_dim: int = 3584
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """Read-R-Write-W: after every `read` thinker tokens the TTS LM writes `write` speech units."""
+
+    read: int = 3
+    write: int = 10
+
+    def __post_init__(self):
+        if self.read < 1 or self.write < 1:
+            raise ConfigError(f"stream params must be positive, got ({self.read},{self.write})")
+
+    @classmethod
+    def parse(cls, s: str | tuple | list | None) -> StreamParams:
+        """Parse the official `"(3,10)"` string without eval (the official code evals it)."""
+        if s is None:
+            return cls(1, 1)  # the official default when config.json has no stream_params
+        if isinstance(s, (tuple, list)):
+            if len(s) != 2:
+                raise ConfigError(f"stream_params needs two numbers, got {s!r}")
+            return cls(int(s[0]), int(s[1]))
+        m = re.fullmatch(r"\s*\(?\s*(\d+)\s*,\s*(\d+)\s*\)?\s*", str(s))
+        if not m:
+            raise ConfigError(f"stream_params {s!r} is not of the form '(R,W)'")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    def to_str(self) -> str:
+        return f"({self.read},{self.write})"
+
+
+@dataclass(frozen=True)
+class SpeechGeneratorConfig:
+    lm: Qwen2Config
+    stream: StreamParams = field(default_factory=StreamParams)
+    unit_vocab_size: int = 6561
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything config.json says about one LLaMA-Omni2 model directory."""
+
+    thinker: Qwen2Config
+    encoder: WhisperEncoderConfig
+    projector: ProjectorConfig
+    generator: SpeechGeneratorConfig
+    max_context: int | None = 4096  # tokenizer_model_max_length
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], encoder_layers: int | None = None) -> ModelConfig:
+        if d.get("model_type") != "omni2_speech2s_qwen2":
+            raise ConfigError(f"model_type {d.get('model_type')!r} is not omni2_speech2s_qwen2")
+        for k in ("speech_generator", "speech_encoder_hidden_size"):
+            if k not in d:
+                raise ConfigError(f"config.json lacks {k}")
+        if "whisper" not in str(d.get("speech_encoder_type", "whisper")):
+            raise ConfigError(f"speech_encoder_type {d['speech_encoder_type']!r} is not whisper")
+        if d.get("speech_projector_type", "linear") != "linear":
+            raise ConfigError(f"speech_projector_type {d['speech_projector_type']!r} is not linear")
+        thinker = Qwen2Config.from_dict(d)
+        width = int(d["speech_encoder_hidden_size"])
+        if width % WHISPER_HEAD_DIM:
+            raise ConfigError(f"speech_encoder_hidden_size {width} is not a multiple of {WHISPER_HEAD_DIM}")
+        encoder = WhisperEncoderConfig(n_state=width, n_layer=encoder_layers or 32)
+        projector = ProjectorConfig(ds_rate=int(d.get("speech_encoder_ds_rate", 5)), encoder_dim=width,
+                                    out_dim=thinker.hidden_size)
+        generator = SpeechGeneratorConfig(
+            lm=Qwen2Config.from_dict(d["speech_generator"]),
+            stream=StreamParams.parse(d.get("stream_params")),
+            unit_vocab_size=int(d.get("unit_vocab_size", 6561)),
+        )
+        return cls(thinker, encoder, projector, generator, d.get("tokenizer_model_max_length"), raw=dict(d))
+
+    @classmethod
+    def from_file(cls, path: str | Path, encoder_layers: int | None = None) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(d, encoder_layers)
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    """CosyVoice2 token2wav (cosy2_decoder/). Filled in by the vocoder stage."""
+
+    sample_rate: int = 24000
+    token_hop: int = 50
+
+
+STAGES = ("asr", "llm", "tts", "vocoder")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which device each stage runs on: `cpu`, `cuda` (one GPU, a stream each) or `asr=0,llm=1,tts=1,vocoder=1`."""
+
+    devices: dict[str, str] = field(default_factory=lambda: {s: "cpu" for s in STAGES})
+
+    @classmethod
+    def parse(cls, spec: str) -> Placement:
+        spec = spec.strip()
+        if spec in ("cpu", "cuda"):
+            dev = "cuda:0" if spec == "cuda" else "cpu"
+            return cls({s: dev for s in STAGES})
+        devices = {}
+        for part in spec.split(","):
+            name, _, dev = part.partition("=")
+            name, dev = name.strip(), dev.strip()
+            if name not in STAGES:
+                raise ConfigError(f"placement: unknown stage {name!r} (stages: {', '.join(STAGES)})")
+            if dev.isdigit():
+                dev = f"cuda:{dev}"
+            if not re.fullmatch(r"cpu|cuda(:\d+)?", dev):
+                raise ConfigError(f"placement: bad device {dev!r} for {name}")
+            devices[name] = dev
+        if set(devices) != set(STAGES):
+            raise ConfigError(f"placement: missing stages {sorted(set(STAGES) - set(devices))}")
+        return cls(devices)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 8
+    max_context: int = 4096  # positions per session in the thinker's KV cache
+    max_new_tokens: int = 256  # the official run_llama_omni2.py default
+    max_audio_seconds: float = 30.0  # Whisper sees 30 s per turn; longer input is an error
+
+    def __post_init__(self):
+        if self.max_sessions < 1 or self.max_context < 16 or self.max_new_tokens < 1:
+            raise ConfigError(f"limits out of range: {self}")

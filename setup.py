@@ -1,0 +1,31 @@
+from setuptools import setup
+
+# `omni2` is an implicit namespace package: each sub-package lives in its own top-level folder.
+setup(
+    name="omni2-engine",
+    version="0.1.0",
+    description="Multi-process streaming inference engine for LLaMA-Omni2 speech-to-speech models",
+    python_requires=">=3.10",
+    packages=["omni2.engine", "omni2.stages", "omni2.kernels"],
+    package_dir={"omni2.engine": "engine", "omni2.stages": "stages", "omni2.kernels": "kernels"},
+    install_requires=[
+        # torch is installed (or kept) by `make install` before this package: an unpinned requirement
+        # here would let pip pull a multi-GB CUDA build on a CPU machine.
+        "torch>=2.3",
+        "transformers>=4.43",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pyzmq>=25",
+        "msgpack>=1.0",
+        "soxr>=0.3",
+        "soundfile>=0.12",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4"],
+        "bench": ["matplotlib>=3.7"],
+        "audio": ["sounddevice>=0.4"],
+    },
+    entry_points={"console_scripts": ["omni2-engine = omni2.engine.cli:main"]},
+)
