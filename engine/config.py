@@ -46,7 +46,8 @@ class Qwen2Config:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"{self.num_attention_heads} heads are not a multiple of {self.num_key_value_heads} KV heads")
+            raise ConfigError(f"{self.num_attention_heads} heads are not a multiple of "
+                              f"{self.num_key_value_heads} KV heads")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (Qwen2 uses silu)")
 
@@ -230,3 +231,7 @@ class Limits:
     def __post_init__(self):
         if self.max_sessions < 1 or self.max_context < 16 or self.max_new_tokens < 1:
             raise ConfigError(f"limits out of range: {self}")
+
+
+class CheckpointError(ValueError):
+    """A model directory or checkpoint file that does not match the official layout (missing, extra, misshaped)."""

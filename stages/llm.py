@@ -1,0 +1,242 @@
+"""LLM stage: the Qwen2.5 thinker of LLaMA-Omni2, continuously batched over sessions.
+
+Per user turn the prompt is the checkpoint's chat template over the whole conversation (user turns are the
+single token `<speech>`, assistant turns the text already answered), with each `<speech>` replaced by that
+turn's 300 projected speech embeddings (MODEL_SPEC §1.4). The KV cache of a session keeps what it already
+holds: a new turn prefills only past the longest common prefix with the cached sequence, which gives the same
+numbers as the official full re-prefill.
+
+Each generated token y_k is emitted with h_k, the final-norm hidden state at the position whose logits
+produced it (MODEL_SPEC §1.7-1.8): the pair the speech generator reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omni2.engine.config import Limits
+from omni2.stages.layers import Batch, KVCache, Qwen2LM
+from omni2.stages.sampling import SamplingParams, sample
+
+
+class LLMError(RuntimeError):
+    """A request the LLM stage refuses: unknown session, a full engine, a prompt over the context limit."""
+
+
+@dataclass(slots=True)
+class LLMTurn:
+    """A user turn for a session: its projected speech embeddings (n, H), e.g. the ASR stage's output."""
+
+    session_id: str
+    speech: torch.Tensor
+    max_new_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class LLMToken:
+    """One generated thinker token with the hidden state that predicted it."""
+
+    session_id: str
+    token_id: int
+    hidden: torch.Tensor  # (H,), final-norm last-layer state
+    text: str  # newly completed text (may be "" while a multi-byte character is incomplete)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (an eos id), "length" (max_new_tokens), "context" (cache full)
+
+
+@dataclass
+class _Session:
+    slot: int
+    sampling: SamplingParams
+    speech: list[torch.Tensor] = field(default_factory=list)  # one (n, H) per user turn
+    # Speech positions are cached as (turn uid, row): a uid is never reused, so a cancelled turn's rows can
+    # never be mistaken for the rows of the turn that replaces it.
+    uids: list[int] = field(default_factory=list)
+    next_uid: int = 0
+    answers: list[str] = field(default_factory=list)  # assistant text of finished turns
+    cached: list = field(default_factory=list)  # items whose K/V sit at positions 0.. of the slot
+    pending: list | None = None  # items still to prefill for the current turn
+    generated: list[int] = field(default_factory=list)
+    max_new: int = 0
+    counter: int = 0  # sampling step counter across the session's life
+    detok: _Detokenizer | None = None
+
+
+class _Detokenizer:
+    """Incremental text of a growing id list; holds back a trailing incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def push(self, token_id: int, last: bool = False) -> str:
+        """The text `token_id` completes; with `last`, also whatever was held back (as U+FFFD if invalid)."""
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not last):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+
+class LLMStage:
+    """The thinker with a static KV cache of `limits.max_sessions` slots x `limits.max_context` positions."""
+
+    def __init__(self, lm: Qwen2LM, tokenizer, speech_token_id: int, eos_ids: tuple[int, ...],
+                 limits: Limits = Limits(), device="cpu", dtype=torch.float32):
+        self.lm = lm.to(device=device, dtype=dtype).eval()
+        self.tok, self.speech_id, self.eos_ids = tokenizer, speech_token_id, frozenset(eos_ids)
+        self.limits, self.device, self.dtype = limits, torch.device(device), dtype
+        self.cache = KVCache(lm.cfg, limits.max_sessions, limits.max_context, self.device, dtype)
+        self.sessions: dict[str, _Session] = {}
+        self.free_slots = list(range(limits.max_sessions))[::-1]
+
+    @classmethod
+    def from_checkpoint(cls, model_dir, limits: Limits = Limits(), device="cpu", dtype=torch.float32) -> LLMStage:
+        from omni2.engine.checkpoint import THINKER_EXCLUDE, ModelDir
+
+        md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+        with torch.device("meta"):
+            lm = Qwen2LM(md.config.thinker)
+        md.load_module(lm, "", exclude=THINKER_EXCLUDE, device=device, dtype=dtype)
+        ids = md.special_ids()
+        return cls(lm, md.tokenizer(), ids.speech_token_id, ids.thinker_eos_ids, limits, device, dtype)
+
+    # -- session lifecycle -------------------------------------------------------------------------------
+    def open(self, session_id: str, sampling: SamplingParams = SamplingParams()) -> None:
+        if session_id in self.sessions:
+            raise LLMError(f"session {session_id!r} is already open")
+        if not self.free_slots:
+            raise LLMError(f"all {self.limits.max_sessions} LLM session slots are in use")
+        self.sessions[session_id] = _Session(self.free_slots.pop(), sampling)
+
+    def close(self, session_id: str) -> None:
+        s = self.sessions.pop(session_id, None)
+        if s is not None:
+            self.free_slots.append(s.slot)
+
+    def cancel(self, session_id: str) -> None:
+        """Stop the current turn (barge-in); the cut-off answer is not kept in the history."""
+        s = self._get(session_id)
+        if s.pending is not None or s.detok is not None:
+            s.speech.pop()
+            s.uids.pop()
+        s.pending, s.detok, s.generated = None, None, []
+
+    def busy(self) -> bool:
+        return any(s.pending is not None or s.detok is not None for s in self.sessions.values())
+
+    # -- the batched step -----------------------------------------------------------------------------
+    def step(self, turns: list[LLMTurn] = ()) -> list[LLMToken]:
+        """Admit new turns, then run one prefill forward (new turns) and one decode forward (the rest)."""
+        for t in turns:
+            self._admit(t)
+        out: list[LLMToken] = []
+        prefill = [(sid, s) for sid, s in self.sessions.items() if s.pending is not None]
+        decode = [(sid, s) for sid, s in self.sessions.items() if s.pending is None and s.detok is not None]
+        if prefill:
+            out += self._forward(prefill, [s.pending for _, s in prefill])
+        if decode:
+            out += self._forward(decode, [[s.generated[-1]] for _, s in decode])
+        return out
+
+    def _get(self, session_id: str) -> _Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise LLMError(f"unknown session {session_id!r}")
+        return s
+
+    def _admit(self, turn: LLMTurn) -> None:
+        s = self._get(turn.session_id)
+        if s.pending is not None or s.detok is not None:
+            raise LLMError(f"session {turn.session_id!r} is still answering its previous turn")
+        H = self.lm.cfg.hidden_size
+        if turn.speech.ndim != 2 or turn.speech.shape[1] != H or turn.speech.shape[0] == 0:
+            raise LLMError(f"speech embeddings must be (n>0, {H}), got {tuple(turn.speech.shape)}")
+        uids = s.uids + [s.next_uid]
+        items = self._prompt_items([x.shape[0] for x in s.speech] + [turn.speech.shape[0]], uids, s.answers)
+        if len(items) >= self.limits.max_context:
+            raise LLMError(f"prompt of {len(items)} positions does not fit the context limit "
+                           f"{self.limits.max_context} (close the session or raise --max-context)")
+        s.speech.append(turn.speech.to(self.device, self.dtype))
+        s.uids, s.next_uid = uids, s.next_uid + 1
+        keep = 0
+        while keep < min(len(items), len(s.cached)) and _same(items[keep], s.cached[keep]):
+            keep += 1
+        keep = min(keep, len(items) - 1)  # always prefill at least one position: it yields the logits
+        s.cached, s.pending = items[:keep], items[keep:]
+        s.max_new = min(turn.max_new_tokens or self.limits.max_new_tokens, self.limits.max_new_tokens)
+        s.generated, s.detok = [], _Detokenizer(self.tok)
+
+    def _prompt_items(self, n_rows: list[int], uids: list[int], answers: list[str]) -> list:
+        """Token ids of the chat prompt with every `<speech>` expanded into (turn uid, row) items."""
+        messages = []
+        for i in range(len(n_rows)):
+            messages.append({"role": "user", "content": "<speech>"})
+            if i < len(answers):
+                messages.append({"role": "assistant", "content": answers[i]})
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        items, turn = [], 0
+        for t in ids:
+            if t == self.speech_id:
+                if turn >= len(n_rows):
+                    raise LLMError("the chat template produced more <speech> slots than user turns")
+                items.extend((uids[turn], j) for j in range(n_rows[turn]))
+                turn += 1
+            else:
+                items.append(int(t))
+        if turn != len(n_rows):
+            raise LLMError(f"the chat template kept {turn} of {len(n_rows)} <speech> placeholders")
+        return items
+
+    def _embed(self, s: _Session, items: list) -> torch.Tensor:
+        """(len(items), H): token embeddings, with speech rows taken from the stored turn embeddings."""
+        out = torch.empty(len(items), self.lm.cfg.hidden_size, device=self.device, dtype=self.dtype)
+        tok_pos = [i for i, x in enumerate(items) if isinstance(x, int)]
+        if tok_pos:
+            ids = torch.tensor([items[i] for i in tok_pos], device=self.device)
+            out[tok_pos] = self.lm.embed(ids)
+        sp_pos = [i for i, x in enumerate(items) if not isinstance(x, int)]
+        if sp_pos:
+            by_uid = dict(zip(s.uids, s.speech))
+            out[sp_pos] = torch.stack([by_uid[items[i][0]][items[i][1]] for i in sp_pos])
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, group: list[tuple[str, _Session]], new_items: list[list]) -> list[LLMToken]:
+        lengths = [len(x) for x in new_items]
+        T = max(lengths)
+        embeds = torch.zeros(len(group), T, self.lm.cfg.hidden_size, device=self.device, dtype=self.dtype)
+        for b, ((_, s), items) in enumerate(zip(group, new_items)):
+            embeds[b, : len(items)] = self._embed(s, items)
+        batch = Batch.make([s.slot for _, s in group], [len(s.cached) for _, s in group], lengths, self.device)
+        last, logits = self.lm(embeds, batch, self.cache)  # (B, H), (B, V)
+        ids = sample(logits, [s.sampling for _, s in group], [s.counter for _, s in group]).tolist()
+
+        out = []
+        for b, ((sid, s), items) in enumerate(zip(group, new_items)):
+            s.cached.extend(items)
+            s.pending = None
+            s.counter += 1
+            tok = ids[b]
+            s.generated.append(tok)
+            reason = None
+            if tok in self.eos_ids:
+                reason = "stop"
+            elif len(s.generated) >= s.max_new:
+                reason = "length"
+            elif len(s.cached) >= self.limits.max_context:
+                reason = "context"  # no position left to feed this token back
+            text = s.detok.push(tok, last=reason is not None)
+            out.append(LLMToken(sid, tok, last[b], text, reason is not None, reason))
+            if reason is not None:
+                answer = [t for t in s.generated if t not in self.eos_ids]
+                s.answers.append(self.tok.decode(answer, skip_special_tokens=True))
+                s.generated, s.detok = [], None
+        return out
+
+
+def _same(a, b) -> bool:
+    return a == b if type(a) is type(b) else False

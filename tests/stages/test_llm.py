@@ -1,0 +1,195 @@
+"""The LLM stage against transformers' Qwen2ForCausalLM on the tiny checkpoint's thinker weights.
+
+The oracle builds the official merged input itself (MODEL_SPEC §1.4): chat template over the conversation,
+each `<speech>` id replaced by that turn's embeddings, a full prefill every turn, greedy decoding, and the
+post-norm last-layer hidden state at the position that produced each token (MODEL_SPEC §1.7-1.8).
+"""
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from omni2.engine.checkpoint import THINKER_EXCLUDE, ModelDir
+from omni2.engine.config import Limits
+from omni2.stages.llm import LLMError, LLMStage, LLMTurn
+from omni2.stages.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def md(tiny_ckpt):
+    return ModelDir(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def oracle(md):
+    cfg = {k: v for k, v in md.config.raw.items() if k not in ("architectures", "model_type", "speech_generator")}
+    hf = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+    sd = {k: md.get_tensor(k) for k in md.keys("", exclude=THINKER_EXCLUDE)}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)
+    return hf
+
+
+def speech(n, H, seed):
+    return torch.randn(n, H, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def oracle_reply(hf, md, turns, answers, max_new):
+    """Greedy reply of the official algorithm; returns (ids, hidden (n, H))."""
+    tok, ids = md.tokenizer(), md.special_ids()
+    messages = []
+    for i in range(len(turns)):
+        messages.append({"role": "user", "content": "<speech>"})
+        if i < len(answers):
+            messages.append({"role": "assistant", "content": answers[i]})
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    emb = hf.model.embed_tokens
+    pieces, turn = [], 0
+    for t in prompt:
+        if t == ids.speech_token_id:
+            pieces.append(turns[turn])
+            turn += 1
+        else:
+            pieces.append(emb(torch.tensor([t])))
+    x = torch.cat(pieces)[None]
+    out_ids, hiddens = [], []
+    with torch.no_grad():
+        for _ in range(max_new):
+            o = hf(inputs_embeds=x, output_hidden_states=True)
+            nxt = int(o.logits[0, -1].argmax())
+            out_ids.append(nxt)
+            hiddens.append(o.hidden_states[-1][0, -1])
+            if nxt in ids.thinker_eos_ids:
+                break
+            x = torch.cat([x, emb(torch.tensor([[nxt]]))], dim=1)
+    return out_ids, torch.stack(hiddens)
+
+
+def run_turn(stage, sid, emb, max_new=None):
+    toks = stage.step([LLMTurn(sid, emb, max_new)])
+    while not toks[-1].finished:
+        toks += [t for t in stage.step() if t.session_id == sid]
+    return toks
+
+
+def test_greedy_reply_and_hidden_pairing_match_the_official_algorithm(md, oracle):
+    stage = LLMStage.from_checkpoint(md, Limits(max_sessions=2, max_context=1024, max_new_tokens=40))
+    H = md.config.thinker.hidden_size
+    stage.open("a")
+    emb = speech(300, H, 0)
+    toks = run_turn(stage, "a", emb)
+    ref_ids, ref_h = oracle_reply(oracle, md, [emb], [], 40)
+    assert [t.token_id for t in toks] == ref_ids
+    assert len(set(ref_ids)) > 3
+    assert (torch.stack([t.hidden for t in toks]) - ref_h).abs().max().item() < 1e-4
+    assert toks[-1].finish_reason == ("stop" if ref_ids[-1] in md.special_ids().thinker_eos_ids else "length")
+    text = "".join(t.text for t in toks)
+    plain = [i for i in ref_ids if i not in md.special_ids().thinker_eos_ids]
+    assert text == md.tokenizer().decode(plain, skip_special_tokens=True)
+
+
+def test_second_turn_reuses_the_cache_and_equals_a_full_reprefill(md, oracle):
+    stage = LLMStage.from_checkpoint(md, Limits(max_sessions=1, max_context=2048, max_new_tokens=12))
+    H = md.config.thinker.hidden_size
+    stage.open("s")
+    e1, e2 = speech(300, H, 1), speech(300, H, 2)
+    first = run_turn(stage, "s", e1)
+    answer = stage.sessions["s"].answers[0]
+    cached_before = len(stage.sessions["s"].cached)
+    second = run_turn(stage, "s", e2)
+    ref_ids, ref_h = oracle_reply(oracle, md, [e1, e2], [answer], 12)
+    assert [t.token_id for t in second] == ref_ids
+    assert (torch.stack([t.hidden for t in second]) - ref_h).abs().max().item() < 1e-4
+    assert len(first) > 0 and cached_before > 300
+
+
+def test_batched_sessions_of_different_lengths_equal_each_alone(md):
+    H = md.config.thinker.hidden_size
+    lengths = [300, 120, 7, 45]
+    limits = Limits(max_sessions=4, max_context=1024, max_new_tokens=15)
+    alone = []
+    for i, n in enumerate(lengths):
+        stage = LLMStage.from_checkpoint(md, limits)
+        stage.open(f"s{i}")
+        alone.append([t.token_id for t in run_turn(stage, f"s{i}", speech(n, H, 10 + i))])
+    stage = LLMStage.from_checkpoint(md, limits)
+    got = {f"s{i}": [] for i in range(4)}
+    for i in range(4):
+        stage.open(f"s{i}")
+    outs = stage.step([LLMTurn(f"s{i}", speech(n, H, 10 + i)) for i, n in enumerate(lengths)])
+    while outs:
+        for t in outs:
+            got[t.session_id].append(t.token_id)
+        outs = stage.step()
+    assert [got[f"s{i}"] for i in range(4)] == alone
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant(md):
+    H = md.config.thinker.hidden_size
+    p = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    limits = Limits(max_sessions=3, max_context=1024, max_new_tokens=15)
+    stage = LLMStage.from_checkpoint(md, limits)
+    stage.open("x", p)
+    alone = [t.token_id for t in run_turn(stage, "x", speech(50, H, 3))]
+    stage = LLMStage.from_checkpoint(md, limits)
+    stage.open("y", SamplingParams(temperature=0.7, seed=1))
+    stage.open("x", p)
+    outs = stage.step([LLMTurn("y", speech(80, H, 4)), LLMTurn("x", speech(50, H, 3))])
+    got = []
+    while outs:
+        got += [t.token_id for t in outs if t.session_id == "x"]
+        outs = stage.step()
+    assert got == alone
+    greedy = LLMStage.from_checkpoint(md, limits)
+    greedy.open("x")
+    assert [t.token_id for t in run_turn(greedy, "x", speech(50, H, 3))] != alone
+
+
+def test_limits_and_bad_requests_are_clear_errors(md):
+    H = md.config.thinker.hidden_size
+    stage = LLMStage.from_checkpoint(md, Limits(max_sessions=1, max_context=64, max_new_tokens=5))
+    with pytest.raises(LLMError, match="unknown session"):
+        stage.step([LLMTurn("nope", speech(3, H, 0))])
+    stage.open("a")
+    with pytest.raises(LLMError, match="already open"):
+        stage.open("a")
+    with pytest.raises(LLMError, match="slots are in use"):
+        stage.open("b")
+    with pytest.raises(LLMError, match="context limit"):
+        stage.step([LLMTurn("a", speech(300, H, 0))])
+    with pytest.raises(LLMError, match=r"must be \(n>0"):
+        stage.step([LLMTurn("a", speech(3, H + 1, 0))])
+    toks = stage.step([LLMTurn("a", speech(3, H, 0))])
+    with pytest.raises(LLMError, match="still answering"):
+        stage.step([LLMTurn("a", speech(3, H, 0))])
+    while not toks[-1].finished:
+        toks += stage.step()
+    assert len(toks) <= 5
+    stage.close("a")
+    stage.open("b")  # the slot came back
+
+
+def test_generation_stops_at_the_context_limit_with_a_reason(md):
+    H = md.config.thinker.hidden_size
+    stage = LLMStage.from_checkpoint(md, Limits(max_sessions=1, max_context=80, max_new_tokens=100))
+    stage.eos_ids = frozenset()
+    stage.open("a")
+    toks = run_turn(stage, "a", speech(10, H, 0))
+    assert toks[-1].finish_reason == "context"
+    assert len(stage.sessions["a"].cached) == 80 and len(toks) == 80 - 70 + 1
+
+
+def test_cancel_drops_the_turn_and_frees_the_session_for_a_new_one(md):
+    H = md.config.thinker.hidden_size
+    stage = LLMStage.from_checkpoint(md, Limits(max_sessions=1, max_context=1024, max_new_tokens=30))
+    stage.eos_ids = frozenset()
+    stage.open("a")
+    stage.step([LLMTurn("a", speech(20, H, 0))])
+    stage.step()
+    stage.cancel("a")
+    assert not stage.busy() and stage.step() == []
+    fresh = LLMStage.from_checkpoint(md, Limits(max_sessions=1, max_context=1024, max_new_tokens=30))
+    fresh.eos_ids = frozenset()
+    fresh.open("a")
+    e = speech(25, H, 5)
+    assert [t.token_id for t in run_turn(stage, "a", e)] == [t.token_id for t in run_turn(fresh, "a", e)]
