@@ -20,7 +20,9 @@ install:
 	@$(PY) -c "import torch, omni2.engine; print('install: ok, torch', torch.__version__)"
 
 test:
-	$(PY) -m pytest -q -n 2 tests
+	@# One torch thread per test worker: the tiny models are latency-bound and 2 workers x N threads on 2
+	@# cores thrash.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 lint:
 	$(PY) -m ruff check engine stages kernels bench tests

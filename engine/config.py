@@ -183,11 +183,108 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class VocoderConfig:
-    """CosyVoice2 token2wav (cosy2_decoder/). Filled in by the vocoder stage."""
+class FlowEncoderConfig:
+    """UpsampleConformerEncoder (`flow.encoder` in cosyvoice.yaml). Defaults: CosyVoice2-0.5B."""
 
-    sample_rate: int = 24000
-    token_hop: int = 50
+    output_size: int = 512
+    attention_heads: int = 8
+    linear_units: int = 2048
+    num_blocks: int = 6
+    num_up_blocks: int = 4  # fixed in the official class, not in the yaml
+    # LLaMA-Omni2's SpeechDecoder overrides the yaml's chunk (25) with 2 * input_frame_rate = 50 tokens.
+    static_chunk_size: int = 50
+
+
+@dataclass(frozen=True)
+class FlowEstimatorConfig:
+    """ConditionalDecoder(causal=True) (`flow.decoder.estimator`). Chunk overridden to 50 * token_mel_ratio."""
+
+    in_channels: int = 320
+    out_channels: int = 80
+    channels: tuple[int, ...] = (256,)
+    n_blocks: int = 4
+    num_mid_blocks: int = 12
+    num_heads: int = 8
+    attention_head_dim: int = 64
+    static_chunk_size: int = 100
+
+
+@dataclass(frozen=True)
+class CFMConfig:
+    """CausalConditionalCFM: Euler solver over a cosine t-schedule with classifier-free guidance."""
+
+    n_timesteps: int = 10  # hard-coded in CausalMaskedDiffWithXvec.inference
+    sigma_min: float = 1e-6
+    t_scheduler: str = "cosine"
+    inference_cfg_rate: float = 0.7
+    temperature: float = 1.0
+    noise_frames: int = 50 * 300  # the fixed noise tensor covers 300 s of mel frames
+    noise_seed: int = 0  # CosyVoice seeds 0 right before drawing it
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """CausalMaskedDiffWithXvec (`flow` in cosyvoice.yaml)."""
+
+    input_size: int = 512
+    output_size: int = 80  # mel bins
+    spk_embed_dim: int = 192
+    vocab_size: int = 6561
+    input_frame_rate: int = 25
+    token_mel_ratio: int = 2
+    pre_lookahead_len: int = 3
+    encoder: FlowEncoderConfig = field(default_factory=FlowEncoderConfig)
+    estimator: FlowEstimatorConfig = field(default_factory=FlowEstimatorConfig)
+    cfm: CFMConfig = field(default_factory=CFMConfig)
+
+
+@dataclass(frozen=True)
+class HiFTConfig:
+    """HiFTGenerator (`hift` in cosyvoice.yaml): NSF source + HiFi-GAN upsampler + iSTFT head."""
+
+    in_channels: int = 80
+    base_channels: int = 512
+    nb_harmonics: int = 8
+    sampling_rate: int = 24000
+    nsf_alpha: float = 0.1
+    nsf_sigma: float = 0.003
+    nsf_voiced_threshold: float = 10.0
+    upsample_rates: tuple[int, ...] = (8, 5, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
+    istft_n_fft: int = 16
+    istft_hop_len: int = 4
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
+    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    lrelu_slope: float = 0.1
+    audio_limit: float = 0.99
+    f0_cond_channels: int = 512  # ConvRNNF0Predictor
+
+    @property
+    def samples_per_frame(self) -> int:
+        hop = self.istft_hop_len
+        for r in self.upsample_rates:
+            hop *= r
+        return hop  # 480 for 24 kHz at 50 mel frames/s
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    """CosyVoice2 token2wav as LLaMA-Omni2 runs it (cosy2_decoder/ + SpeechDecoder's overrides)."""
+
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    hift: HiFTConfig = field(default_factory=HiFTConfig)
+    token_hop: int = 50  # official stream hop in tokens (2 * input_frame_rate)
+    mel_cache_len: int = 8  # mel frames HiFT re-reads from the previous chunk
+
+    @property
+    def sample_rate(self) -> int:
+        return self.hift.sampling_rate
+
+    @property
+    def source_cache_len(self) -> int:
+        return self.mel_cache_len * self.hift.samples_per_frame  # 3840 samples, also the cross-fade half
 
 
 STAGES = ("asr", "llm", "tts", "vocoder")

@@ -166,3 +166,14 @@ class Qwen2LM(nn.Module):
         hidden = self.model(embeds, batch, cache)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.lengths - 1]  # (B, H)
         return last, self.lm_head(last)
+
+
+def forward_rows(lm: Qwen2LM, cache: KVCache, slots: list[int], starts: list[int], rows: list[torch.Tensor]):
+    """One forward over several sessions: row b appends embeddings rows[b] (n_b, H) to slot slots[b] at
+    position starts[b]. Returns the final-norm hidden (B, H) and logits (B, V) of each row's last position."""
+    lengths = [r.shape[0] for r in rows]
+    first = rows[0]
+    embeds = first.new_zeros(len(rows), max(lengths), first.shape[-1])  # (B, T, H), right-padded
+    for b, r in enumerate(rows):
+        embeds[b, : r.shape[0]] = r
+    return lm(embeds, Batch.make(slots, starts, lengths, first.device), cache)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from omni2.engine.config import Limits
-from omni2.stages.layers import Batch, KVCache, Qwen2LM
+from omni2.stages.layers import KVCache, Qwen2LM, forward_rows
 from omni2.stages.sampling import SamplingParams, sample
 
 
@@ -206,13 +206,9 @@ class LLMStage:
 
     @torch.inference_mode()
     def _forward(self, group: list[tuple[str, _Session]], new_items: list[list]) -> list[LLMToken]:
-        lengths = [len(x) for x in new_items]
-        T = max(lengths)
-        embeds = torch.zeros(len(group), T, self.lm.cfg.hidden_size, device=self.device, dtype=self.dtype)
-        for b, ((_, s), items) in enumerate(zip(group, new_items)):
-            embeds[b, : len(items)] = self._embed(s, items)
-        batch = Batch.make([s.slot for _, s in group], [len(s.cached) for _, s in group], lengths, self.device)
-        last, logits = self.lm(embeds, batch, self.cache)  # (B, H), (B, V)
+        rows = [self._embed(s, items) for (_, s), items in zip(group, new_items)]
+        last, logits = forward_rows(self.lm, self.cache, [s.slot for _, s in group],
+                                    [len(s.cached) for _, s in group], rows)  # (B, H), (B, V)
         ids = sample(logits, [s.sampling for _, s in group], [s.counter for _, s in group]).tolist()
 
         out = []

@@ -1,0 +1,244 @@
+"""TTS stage: LLaMA-Omni2's speech generator, Read-R-Write-W over a KV cache that is never re-prefilled.
+
+Per reply (MODEL_SPEC §1.8) the TTS LM's input is
+    [x1 x2 x3][u1 .. u10][x4 x5 x6][u11 .. u20] ... [x_.. x_last][<sep>][u .. until EOS or 1024]
+where x = gate fusion of input_proj(thinker hidden) and the TTS embedding of the thinker token, and u are the
+sampled TTS tokens fed back as plain embeddings. The official code re-runs the whole sequence through a fresh
+`generate` each chunk; here each chunk appends only its new positions to the session's cache slot:
+[previous chunk's last sampled token] + fused text (+ <sep>) as one prefill, then one decode per unit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from omni2.engine.config import ConfigError, Limits, StreamParams
+from omni2.kernels.gate_fusion import gate_fusion
+from omni2.stages.layers import KVCache, Qwen2LM, forward_rows
+from omni2.stages.sampling import SamplingParams, sample
+
+# The official generate_units sampling: temperature 1, top_p 1, and transformers' default top_k of 50.
+OFFICIAL_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
+FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
+
+
+class TTSError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TTSOptions:
+    """Deviations from the official algorithm, each off by default.
+
+    units_only: sample among unit tokens + EOS only (the official head may pick text ids, which yield no audio).
+    offline: read the whole reply before writing any unit (the paper's non-streaming comparison).
+    gate_override: fix the fusion gate g (1.0 = hidden state only, 0.0 = text embedding only; paper ablation).
+    reprefill: the official cost model — rebuild the cache from position 0 every chunk (baseline for benches).
+    """
+
+    units_only: bool = False
+    offline: bool = False
+    gate_override: float | None = None
+    reprefill: bool = False
+    max_context: int = 4096  # TTS positions per session: reply text + units + the final flush
+
+
+class SpeechGenerator(nn.Module):
+    """`speech_generator.input_proj` and `.gate` (the TTS LM itself is a separate Qwen2LM)."""
+
+    def __init__(self, thinker_hidden: int, tts_hidden: int):
+        super().__init__()
+        self.input_proj = nn.Sequential(nn.Linear(thinker_hidden, 2 * thinker_hidden), nn.ReLU(),
+                                        nn.Linear(2 * thinker_hidden, tts_hidden))
+        self.gate = nn.Sequential(nn.Linear(2 * tts_hidden, tts_hidden), nn.Sigmoid())
+
+    def fuse(self, hidden: torch.Tensor, text_emb: torch.Tensor, gate_override: float | None = None):
+        """(n, H_thinker), (n, T) -> (n, T)."""
+        return gate_fusion(self.input_proj(hidden), text_emb, self.gate[0].weight, self.gate[0].bias, gate_override)
+
+
+@dataclass(slots=True)
+class TTSInput:
+    """Thinker tokens for a session, in order, with the hidden states that predicted them (LLMToken pairs)."""
+
+    session_id: str
+    token_ids: list[int]
+    hidden: torch.Tensor  # (n, H_thinker)
+    final: bool = False  # the last of these tokens ends the reply
+
+
+@dataclass(slots=True)
+class TTSToken:
+    """One sampled TTS token. `unit` is its speech unit, or None for EOS / a non-unit id."""
+
+    session_id: str
+    token_id: int
+    unit: int | None
+    chunk_end: bool  # the chunk's write budget is spent or EOS was sampled
+    done: bool  # the reply's speech is complete (end of the final chunk)
+
+
+@dataclass
+class _Session:
+    slot: int
+    sampling: SamplingParams
+    text_ids: list[int] = field(default_factory=list)  # read but not yet written for
+    text_h: list[torch.Tensor] = field(default_factory=list)
+    final_seen: bool = False
+    pending: torch.Tensor | None = None  # rows to prefill for the chunk being started
+    budget: int = 0  # units still to write in the current chunk; 0 = waiting for text
+    final_chunk: bool = False
+    last: int | None = None  # last sampled token, not yet fed back
+    pos: int = 0  # positions held in the cache slot
+    history: list[torch.Tensor] = field(default_factory=list)  # all input rows (reprefill mode only)
+    counter: int = 0
+
+
+class TTSStage:
+    def __init__(self, lm: Qwen2LM, gen: SpeechGenerator, sep_id: int, eos_id: int, unit0: int, n_units: int,
+                 stream: StreamParams = StreamParams(), limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
+                 device="cpu", dtype=torch.float32):
+        self.lm = lm.to(device=device, dtype=dtype).eval()
+        self.gen = gen.to(device=device, dtype=dtype).eval()
+        self.sep_id, self.eos_id, self.unit0, self.n_units = sep_id, eos_id, unit0, n_units
+        if unit0 + n_units > lm.cfg.vocab_size:
+            raise ConfigError(f"unit ids {unit0}..{unit0 + n_units - 1} exceed the TTS vocab {lm.cfg.vocab_size}")
+        self.stream, self.limits, self.opts = stream, limits, options
+        self.device, self.dtype = torch.device(device), dtype
+        self.cache = KVCache(lm.cfg, limits.max_sessions, options.max_context, self.device, dtype)
+        self.sessions: dict[str, _Session] = {}
+        self.free_slots = list(range(limits.max_sessions))[::-1]
+        if options.units_only:
+            allowed = torch.zeros(lm.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            allowed[unit0:unit0 + n_units] = True
+            allowed[eos_id] = True
+            self._mask = torch.where(allowed, 0.0, -float("inf"))
+        else:
+            self._mask = None
+
+    @classmethod
+    def from_checkpoint(cls, model_dir, limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
+                        device="cpu", dtype=torch.float32) -> TTSStage:
+        from omni2.engine.checkpoint import GENERATOR_EXCLUDE, PREFIX_GENERATOR, PREFIX_TTS_LM, ModelDir
+
+        md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+        cfg = md.config
+        with torch.device("meta"):
+            lm = Qwen2LM(cfg.generator.lm)
+            gen = SpeechGenerator(cfg.thinker.hidden_size, cfg.generator.lm.hidden_size)
+        md.load_module(lm, PREFIX_TTS_LM, device=device, dtype=dtype)
+        md.load_module(gen, PREFIX_GENERATOR, exclude=GENERATOR_EXCLUDE, device=device, dtype=dtype)
+        ids = md.special_ids()
+        return cls(lm, gen, ids.sep_id, ids.tts_eos_id, ids.unit0, ids.n_units, cfg.generator.stream, limits,
+                   options, device, dtype)
+
+    # -- session lifecycle -------------------------------------------------------------------------------
+    def open(self, session_id: str, sampling: SamplingParams = OFFICIAL_SAMPLING) -> None:
+        if session_id in self.sessions:
+            raise TTSError(f"session {session_id!r} is already open")
+        if not self.free_slots:
+            raise TTSError(f"all {self.limits.max_sessions} TTS session slots are in use")
+        self.sessions[session_id] = _Session(self.free_slots.pop(), sampling)
+
+    def close(self, session_id: str) -> None:
+        s = self.sessions.pop(session_id, None)
+        if s is not None:
+            self.free_slots.append(s.slot)
+
+    def cancel(self, session_id: str) -> None:
+        """Drop the reply in progress; the session can take the next reply."""
+        s = self._get(session_id)
+        self.sessions[session_id] = _Session(s.slot, s.sampling, counter=s.counter)
+
+    def busy(self) -> bool:
+        return any(s.budget > 0 or s.text_ids for s in self.sessions.values())
+
+    # -- the batched step -----------------------------------------------------------------------------
+    def step(self, inputs: list[TTSInput] = ()) -> list[TTSToken]:
+        """Read new thinker tokens, start chunks whose text is complete, then one forward for every writer."""
+        for x in inputs:
+            self._read(x)
+        for s in self.sessions.values():
+            if s.budget == 0:
+                self._maybe_start_chunk(s)
+        writers = [(sid, s) for sid, s in self.sessions.items() if s.budget > 0]
+        if not writers:
+            return []
+        rows = []
+        for _, s in writers:
+            if s.pending is not None:
+                rows.append(s.pending)
+            else:
+                rows.append(self.lm.embed(torch.tensor([s.last], device=self.device)))
+        if self.opts.reprefill:
+            for (_, s), r in zip(writers, rows):
+                s.history.append(r)
+            rows = [torch.cat(s.history) if s.pending is not None else r for (_, s), r in zip(writers, rows)]
+            starts = [0 if s.pending is not None else s.pos for _, s in writers]
+        else:
+            starts = [s.pos for _, s in writers]
+        too_long = [sid for (sid, _), st, r in zip(writers, starts, rows) if st + r.shape[0] > self.opts.max_context]
+        if too_long:
+            raise TTSError(f"sessions {too_long} exceed the TTS context of {self.opts.max_context} positions")
+        with torch.inference_mode():
+            _, logits = forward_rows(self.lm, self.cache, [s.slot for _, s in writers], starts, rows)
+            if self._mask is not None:
+                logits = logits.float() + self._mask
+            ids = sample(logits, [s.sampling for _, s in writers], [s.counter for _, s in writers]).tolist()
+        out = []
+        for (sid, s), st, r, tok in zip(writers, starts, rows, ids):
+            s.pos, s.pending, s.last = st + r.shape[0], None, tok
+            s.counter += 1
+            s.budget -= 1
+            end = tok == self.eos_id or s.budget == 0
+            done = end and s.final_chunk
+            if end:
+                s.budget = 0
+            unit = tok - self.unit0 if self.unit0 <= tok < self.unit0 + self.n_units else None
+            out.append(TTSToken(sid, tok, unit, end, done))
+            if done:
+                self.sessions[sid] = _Session(s.slot, s.sampling, counter=s.counter)
+        return out
+
+    def _get(self, session_id: str) -> _Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise TTSError(f"unknown session {session_id!r}")
+        return s
+
+    def _read(self, x: TTSInput) -> None:
+        s = self._get(x.session_id)
+        if s.final_seen:
+            raise TTSError(f"session {x.session_id!r} got text after its reply's final token")
+        if x.hidden.ndim != 2 or x.hidden.shape[0] != len(x.token_ids):
+            raise TTSError(f"{len(x.token_ids)} token ids need hidden states (n, H), got {tuple(x.hidden.shape)}")
+        s.text_ids.extend(int(t) for t in x.token_ids)
+        s.text_h.extend(x.hidden.to(self.device, self.dtype).unbind(0))
+        s.final_seen = x.final
+
+    def _maybe_start_chunk(self, s: _Session) -> None:
+        """Read-R: take R tokens (all of them at the end of the reply, or in offline mode) and fuse them."""
+        R = self.stream.read
+        if self.opts.offline and not s.final_seen:
+            return
+        if len(s.text_ids) >= R and not self.opts.offline:
+            n = R
+        elif s.final_seen and s.text_ids:
+            n = len(s.text_ids)
+        else:
+            return
+        ids, h = s.text_ids[:n], torch.stack(s.text_h[:n])
+        del s.text_ids[:n], s.text_h[:n]
+        s.final_chunk = s.final_seen and not s.text_ids
+        with torch.inference_mode():
+            x = self.gen.fuse(h, self.lm.embed(torch.tensor(ids, device=self.device)), self.opts.gate_override)
+            parts = [x]
+            if s.last is not None:  # the previous chunk's last token (a unit or an EOS) joins the history
+                parts.insert(0, self.lm.embed(torch.tensor([s.last], device=self.device)))
+            if s.final_chunk:
+                parts.append(self.lm.embed(torch.tensor([self.sep_id], device=self.device)))
+        s.pending = torch.cat(parts)
+        s.last = None
+        s.budget = FINAL_MAX_UNITS if s.final_chunk else self.stream.write
