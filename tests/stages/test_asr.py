@@ -286,3 +286,23 @@ def test_cuda_stage_equals_cpu():
     (_, got), = gpu.step([(0, audio)])
     assert got.device.type == "cuda"
     torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)  # TF32 and cuFFT differ from CPU
+
+
+def test_checkpoint_encoder_loads_into_transformers_whisper(tiny_ckpt):
+    """The layout proof: the tiny checkpoint's `model.speech_encoder.*` tensors, renamed by the documented
+    mapping (`to_hf_whisper_encoder`, docs/ARCHITECTURE.md), load strictly into transformers' WhisperEncoder
+    and give our encoder's output."""
+    from omni2.engine.checkpoint import PREFIX_ENCODER, ModelDir
+
+    md = ModelDir(tiny_ckpt)
+    sd = {k.removeprefix(PREFIX_ENCODER): md.get_tensor(k, dtype=torch.float32) for k in md.keys(PREFIX_ENCODER)}
+    c = md.config.encoder
+    hf = hf_whisper.WhisperEncoder(WhisperConfig(
+        d_model=c.n_state, encoder_layers=c.n_layer, encoder_attention_heads=c.n_head, encoder_ffn_dim=4 * c.n_state,
+        num_mel_bins=c.n_mels, max_source_positions=c.n_ctx)).eval()
+    hf.load_state_dict(to_hf_whisper_encoder(sd), strict=True)
+    stage = ASRStage.from_checkpoint(md)
+    mel = log_mel(torch.randn(1, SAMPLE_RATE * 3) * 0.1)
+    with torch.inference_mode():
+        diff = (stage.encoder(mel) - hf(mel).last_hidden_state).abs().max().item()
+    assert diff < 1e-4
