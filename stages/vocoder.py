@@ -1,0 +1,202 @@
+"""Vocoder stage: CosyVoice2 token2wav as LLaMA-Omni2 streams it (MODEL_SPEC §2.6), units -> 24 kHz PCM.
+
+Schedule (the official `run_cosy2_decoder.py --stream`): once `hop + pre_lookahead` units past the offset exist,
+the flow turns units [0, offset + hop + 3) into mel and the frames from 2*offset on are voiced; at the end of the
+reply one finalizing call voices the rest. HiFT re-reads the previous call's last 8 mel frames and source
+samples, cross-fades its first 3840 samples with the tail it withheld last time (Hamming window), and withholds
+its own last 3840 samples until the next call.
+
+Two flow modes, same frames: `incremental` keeps the completed chunks' layer state (flat cost per call) and
+`recompute` reruns the flow from unit 0 every call (the official cost, for baselines).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omni2.engine.config import ConfigError, Limits, VocoderConfig
+from omni2.stages.flow import Flow, FlowStream
+
+
+class VocoderError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class VocoderOptions:
+    """mode: "incremental" (cached chunks) or "recompute" (official cost). token_hop: units per call (None = the
+    official 50). left_chunks: flow attention window in chunks (None = all = exact; see docs/FLOW.md).
+    deterministic: zero HiFT's random source phases and noise (tests, cross-implementation comparisons)."""
+
+    mode: str = "incremental"
+    token_hop: int | None = None
+    left_chunks: int | None = None
+    deterministic: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("incremental", "recompute"):
+            raise ConfigError(f"vocoder mode {self.mode!r} is not 'incremental' or 'recompute'")
+        if self.token_hop is not None and self.token_hop < 1:
+            raise ConfigError(f"token_hop must be >= 1, got {self.token_hop}")
+
+
+@dataclass(slots=True)
+class VocoderInput:
+    session_id: str
+    units: list[int]
+    final: bool = False  # no more units for this reply: voice everything
+
+
+@dataclass(slots=True)
+class VocoderOutput:
+    session_id: str
+    pcm: np.ndarray  # float32 mono at the vocoder's sample rate; may be empty
+    final: bool
+
+
+@dataclass
+class _Session:
+    spk: torch.Tensor  # (192,) x-vector
+    generator: torch.Generator  # HiFT's source randomness
+    units: list[int] = field(default_factory=list)
+    offset: int = 0  # units whose mel has been voiced
+    pushed: int = 0  # units given to the flow stream
+    stream: FlowStream | None = None
+    cache: dict | None = None  # HiFT overlap: last mel frames, source and speech samples
+
+
+def _fade_in_out(new: torch.Tensor, old_tail: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Cross-fade the first half-window of `new` with the withheld tail of the previous call."""
+    half = window.shape[0] // 2
+    new = new.clone()
+    new[..., :half] = new[..., :half] * window[:half] + old_tail[..., -half:] * window[half:]
+    return new
+
+
+class VocoderStage:
+    def __init__(self, flow: Flow, hift, cfg: VocoderConfig, noise: torch.Tensor, voices, limits: Limits = Limits(),
+                 options: VocoderOptions = VocoderOptions(), device="cpu", dtype=torch.float32):
+        self.flow = flow.to(device=device, dtype=dtype).eval()
+        self.hift = hift.to(device=device, dtype=dtype).eval()
+        self.cfg, self.opts, self.limits = cfg, options, limits
+        self.noise = noise.to(device=device, dtype=dtype)
+        self.voices = voices  # name -> (192,) tensor; a VocoderDir or any object with .voice(name)
+        self.device, self.dtype = torch.device(device), dtype
+        self.hop = options.token_hop or cfg.token_hop
+        if self.hop * cfg.flow.token_mel_ratio < cfg.mel_cache_len:
+            raise ConfigError(f"token_hop {self.hop} is too small: each call must make at least the "
+                              f"{cfg.mel_cache_len} mel frames HiFT overlaps")
+        self.look = cfg.flow.pre_lookahead_len
+        self.ratio = cfg.flow.token_mel_ratio
+        # np.hamming(2 * 3840) as upstream, kept in float64 then cast like its torch.from_numpy use.
+        self.window = torch.from_numpy(np.hamming(2 * cfg.source_cache_len)).to(device=device, dtype=dtype)
+        self.sessions: dict[str, _Session] = {}
+
+    @classmethod
+    def from_checkpoint(cls, vocoder_dir, limits: Limits = Limits(), options: VocoderOptions = VocoderOptions(),
+                        device="cpu", dtype=torch.float32, voices_dir: str | Path | None = None) -> VocoderStage:
+        from omni2.engine.vocoder_ckpt import FLOW_FILE, VocoderDir, check_state_dict, load_hift
+
+        vd = vocoder_dir if isinstance(vocoder_dir, VocoderDir) else VocoderDir(vocoder_dir, voices_dir)
+        with torch.device("meta"):
+            flow = Flow(vd.config.flow)
+        state = vd.flow_state()
+        check_state_dict(flow, state, str(vd.path / FLOW_FILE))
+        flow.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True,
+                             assign=True)
+        return cls(flow, load_hift(vd, device, dtype), vd.config, vd.noise(), vd, limits, options, device, dtype)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    def open(self, session_id: str, voice: str = "default", seed: int = 0) -> None:
+        if session_id in self.sessions:
+            raise VocoderError(f"session {session_id!r} is already open")
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise VocoderError(f"all {self.limits.max_sessions} vocoder sessions are in use")
+        spk = self.voices.voice(voice).to(self.device, self.dtype)  # unknown voice -> CheckpointError
+        self.sessions[session_id] = _Session(spk, torch.Generator(device=self.device).manual_seed(seed))
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def cancel(self, session_id: str) -> None:
+        """Drop the reply in progress (barge-in); the voice and seed stream stay."""
+        s = self.sessions.get(session_id)
+        if s is not None:
+            self.sessions[session_id] = _Session(s.spk, s.generator)
+
+    def synthesize(self, units: list[int], voice: str = "default", seed: int = 0) -> np.ndarray:
+        """Whole-utterance token2wav through the same streaming schedule (a one-off session)."""
+        if not units:
+            raise VocoderError("no units to synthesize")
+        sid = f"_synth{id(units)}"
+        self.open(sid, voice, seed)
+        try:
+            return self.step([VocoderInput(sid, list(units), final=True)])[0].pcm
+        finally:
+            self.close(sid)
+
+    def step(self, inputs: list[VocoderInput]) -> list[VocoderOutput]:
+        """Take each session's new units and voice every hop they complete (everything, on `final`)."""
+        out = []
+        for x in inputs:
+            s = self.sessions.get(x.session_id)
+            if s is None:
+                raise VocoderError(f"unknown session {x.session_id!r}")
+            bad = [u for u in x.units if not 0 <= u < self.cfg.flow.vocab_size]
+            if bad:
+                raise VocoderError(f"unit ids out of range [0, {self.cfg.flow.vocab_size}): {bad[:5]}")
+            if x.final and not s.units and not x.units:  # the TTS LM said nothing: a silent reply
+                out.append(VocoderOutput(x.session_id, np.zeros(0, np.float32), True))
+                continue
+            s.units.extend(int(u) for u in x.units)
+            if len(s.units) * self.ratio > self.noise.shape[2]:
+                raise VocoderError(f"{len(s.units)} units exceed the {self.noise.shape[2] // self.ratio}-unit "
+                                   "limit of the flow's fixed noise (300 s)")
+            pieces = []
+            while len(s.units) - s.offset >= self.hop + self.look:
+                pieces.append(self._voice(s, s.offset + self.hop + self.look, finalize=False))
+                s.offset += self.hop
+            if x.final:
+                pieces.append(self._voice(s, len(s.units), finalize=True))
+            pcm = torch.cat(pieces, dim=-1) if pieces else torch.zeros(0)
+            out.append(VocoderOutput(x.session_id, pcm.float().cpu().numpy(), x.final))
+            if x.final:
+                self.cancel(x.session_id)
+        return out
+
+    @torch.inference_mode()
+    def _voice(self, s: _Session, n: int, finalize: bool) -> torch.Tensor:
+        """token2wav on units [0, n): new mel frames from 2*offset, then HiFT with the overlap caches."""
+        if self.opts.mode == "recompute":
+            tokens = torch.tensor(s.units[:n], device=self.device)
+            mel = self.flow.inference(tokens, s.spk, self.noise, finalize, self.opts.left_chunks)
+            mel = mel[:, s.offset * self.ratio:]
+        else:
+            if s.stream is None:
+                s.stream = self.flow.new_stream(s.spk, self.noise, self.opts.left_chunks)
+            s.stream.push(torch.tensor(s.units[s.pushed:n], device=self.device))
+            s.pushed = n
+            mel = s.stream.mel(finalize)
+        mel = mel[None]  # (1, 80, F)
+        if s.cache is not None:
+            mel = torch.cat([s.cache["mel"], mel], dim=2)
+            cache_source = s.cache["source"]
+        else:
+            cache_source = None
+        if mel.shape[2] == 0:
+            return torch.zeros(0, device=self.device)
+        speech, source = self.hift.inference(mel, cache_source, s.generator, self.opts.deterministic)
+        if s.cache is not None:
+            speech = _fade_in_out(speech, s.cache["speech"], self.window)
+        if not finalize:
+            keep = self.cfg.source_cache_len
+            s.cache = {"mel": mel[:, :, -self.cfg.mel_cache_len:], "source": source[:, :, -keep:],
+                       "speech": speech[:, -keep:]}
+            speech = speech[:, :-keep]
+        return speech[0]
