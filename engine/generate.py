@@ -1,0 +1,83 @@
+"""`omni2-engine generate`: one spoken question in, the reply's text, units and audio out, in one process.
+
+Runs `engine/reference.py` (the ground truth pipeline), prints the text as it streams and writes the reply
+WAV (24 kHz) and, optionally, reply.json with `text`, `token_ids`, `units` and per-stage timings.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from omni2.engine.audio import read_wav, write_wav
+from omni2.engine.config import Limits
+from omni2.engine.protocol import AudioDelta, TextDelta, TurnDone
+from omni2.engine.reference import ReferencePipeline, SessionOptions
+from omni2.stages.sampling import SamplingParams
+
+
+@dataclass
+class Reply:
+    text: str
+    token_ids: list[int]
+    units: list[int]
+    pcm: np.ndarray
+    sample_rate: int
+    finish_reason: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "units": self.units,
+                "finish_reason": self.finish_reason, "sample_rate": self.sample_rate,
+                "samples": int(self.pcm.size), "timings": self.timings}
+
+
+def session_options(seed: int = 0, greedy: bool = False, voice: str = "default",
+                    max_new_tokens: int | None = None) -> SessionOptions:
+    """The CLI's sampling choices: the official defaults (greedy thinker, sampled TTS) or all-greedy."""
+    opts = SessionOptions(voice=voice, seed=seed, max_new_tokens=max_new_tokens)
+    if greedy:
+        opts = replace(opts, tts_sampling=SamplingParams())
+    return opts
+
+
+def run_turn(pipe: ReferencePipeline, audio: np.ndarray, sample_rate: int, options: SessionOptions,
+             on_text=None) -> Reply:
+    sid = "generate"
+    pipe.open(sid, options)
+    try:
+        pcm, done = [], None
+        for ev in pipe.turn(sid, audio, sample_rate):
+            if isinstance(ev, TextDelta) and on_text is not None:
+                on_text(ev.text)
+            elif isinstance(ev, AudioDelta):
+                pcm.append(ev.pcm)
+            elif isinstance(ev, TurnDone):
+                done = ev
+    finally:
+        pipe.close(sid)
+    audio_out = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+    return Reply(done.text, done.token_ids, done.units, audio_out, pipe.sample_rate, done.finish_reason,
+                 done.timings)
+
+
+def main(args) -> int:
+    """Entry for the CLI subcommand (argparse namespace from engine/cli.py)."""
+    limits = Limits(max_sessions=1, max_new_tokens=args.max_new_tokens or Limits().max_new_tokens)
+    print(f"loading {args.model_dir} and {args.vocoder_dir} ...", file=sys.stderr)
+    pipe = ReferencePipeline(args.model_dir, args.vocoder_dir, device=args.device, limits=limits)
+    samples, sr = read_wav(args.wav)
+    opts = session_options(args.seed, args.greedy, args.voice, args.max_new_tokens)
+    reply = run_turn(pipe, samples, sr, opts, on_text=lambda t: print(t, end="", flush=True))
+    print()
+    write_wav(args.out, reply.pcm, reply.sample_rate)
+    t = reply.timings
+    print(f"wrote {args.out}: {reply.pcm.size / reply.sample_rate:.2f} s of audio, {len(reply.units)} units, "
+          f"{len(reply.token_ids)} text tokens ({reply.finish_reason}); first audio after "
+          f"{t.get('first_audio', float('nan')) * 1e3:.0f} ms", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(reply.to_json(), indent=1))
+    return 0
