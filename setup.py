@@ -21,9 +21,13 @@ setup(
         "soxr>=0.3",
         "soundfile>=0.12",
         "tqdm>=4.60",
+        "pyyaml>=5.4",  # cosyvoice.yaml, read as data (engine/hyperyaml.py)
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4"],
+        # onnx builds the tiny random campplus.onnx; with onnxruntime + kaldi-native-fbank, tests enrol voices
+        "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4", "onnx>=1.14", "onnxruntime>=1.16",
+                 "kaldi-native-fbank>=1.18"],
+        "voice": ["onnxruntime>=1.16", "kaldi-native-fbank>=1.18"],  # enrol a voice from a wav (campplus.onnx)
         "bench": ["matplotlib>=3.7"],
         "audio": ["sounddevice>=0.4"],
     },

@@ -7,8 +7,26 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The `tiny` random checkpoint, written once per session; returns the model dir (…/omni2-tiny). Read-only."""
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint root holding the `tiny` model dir (omni2-tiny/), written once per session; `tiny_vocoder`
+    writes cosy2_decoder/ beside it, as `omni2-engine make-checkpoint` lays them out. Read-only."""
     from omni2.engine.checkpoint import write_checkpoint
 
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), "tiny", seed=0)
+    root = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint(root, "tiny", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_root: Path) -> Path:
+    """The `tiny` random checkpoint's model dir (…/omni2-tiny). Read-only."""
+    return tiny_root / "omni2-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_vocoder(tiny_root: Path) -> Path:
+    """The `tiny` random cosy2_decoder/ (beside omni2-tiny/), written once per session. Read-only: tests that add
+    voices copy it or pass their own voices_dir."""
+    from omni2.engine.vocoder_ckpt import write_vocoder_checkpoint
+
+    return write_vocoder_checkpoint(tiny_root, "tiny", seed=0)

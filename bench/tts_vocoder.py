@@ -1,0 +1,115 @@
+"""Per-chunk cost of the TTS LM and the vocoder as a reply grows: ours vs the official algorithm.
+
+    .venv/bin/python bench/tts_vocoder.py --preset tiny --chunks 30
+    .venv/bin/python bench/tts_vocoder.py --preset 0.5b --chunks 30 --device cuda
+
+TTS: one chunk = read R thinker tokens, write W units (EOS disabled so every chunk writes all W). Ours appends
+the chunk to a kept KV cache; the baseline (`TTSOptions(reprefill=True)`) re-prefills the whole history, as
+LLMSpeechGenerator.generate_units does. Vocoder: one chunk = the 10 units a TTS chunk writes, voiced with a
+10-unit hop; ours keeps the flow's completed chunks, the baseline reruns the flow from unit 0 (token2wav).
+Prints ms per chunk for chunks 1..N; ours must stay flat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omni2.engine.checkpoint import ModelDir, write_checkpoint
+from omni2.engine.config import Limits
+from omni2.engine.vocoder_ckpt import write_vocoder_checkpoint
+from omni2.stages.sampling import SamplingParams
+from omni2.stages.tts import TTSInput, TTSOptions, TTSStage
+from omni2.stages.vocoder import VocoderInput, VocoderOptions, VocoderStage
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def tts_chunks(md: ModelDir, opts: TTSOptions, n_chunks: int, device, dtype) -> list[float]:
+    stage = TTSStage.from_checkpoint(md, Limits(max_sessions=1), opts, device=device, dtype=dtype)
+    stage.eos_id = -1  # never stop early: every chunk writes its full W units
+    stage.open("s", SamplingParams())
+    R, H = stage.stream.read, md.config.thinker.hidden_size
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(n_chunks):
+        ids = torch.randint(0, 100, (R,), generator=g).tolist()
+        h = (torch.randn(R, H, generator=g) * 0.5).to(device, dtype)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = stage.step([TTSInput("s", ids, h)])
+        while not out[-1].chunk_end:
+            out = stage.step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def vocoder_chunks(vocoder_dir: Path, mode: str, n_chunks: int, device, dtype) -> list[float]:
+    stage = VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=1), VocoderOptions(mode=mode, token_hop=10),
+                                         device=device, dtype=dtype)
+    stage.open("s")
+    units = np.random.default_rng(0).integers(0, 6561, 10 * n_chunks + 3).tolist()
+    stage.step([VocoderInput("s", units[:3])])  # the pre-lookahead: the first call then fires on 13 units
+    times = []
+    for c in range(n_chunks):
+        _sync(device)
+        t0 = time.perf_counter()
+        stage.step([VocoderInput("s", units[3 + 10 * c: 13 + 10 * c])])
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "7b"])
+    ap.add_argument("--root", default="checkpoints")
+    ap.add_argument("--chunks", type=int, default=30)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
+    ap.add_argument("--json", help="also write the numbers here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    root = Path(args.root) / args.preset
+    model_dir, vocoder_dir = root / f"omni2-{args.preset}", root / "cosy2_decoder"
+    if not (model_dir / "config.json").is_file():
+        print(f"writing the random {args.preset} model into {root} (once)", file=sys.stderr)
+        write_checkpoint(root, preset=args.preset)
+    if not (vocoder_dir / "cosyvoice.yaml").is_file():
+        print(f"writing the random {args.preset} cosy2_decoder into {root} (once)", file=sys.stderr)
+        write_vocoder_checkpoint(root, preset=args.preset)
+    md = ModelDir(model_dir)
+    torch.set_grad_enabled(False)
+
+    res = {
+        "tts_ours": tts_chunks(md, TTSOptions(), args.chunks, device, dtype),
+        "tts_official": tts_chunks(md, TTSOptions(reprefill=True), args.chunks, device, dtype),
+        "voc_ours": vocoder_chunks(vocoder_dir, "incremental", args.chunks, device, dtype),
+        "voc_official": vocoder_chunks(vocoder_dir, "recompute", args.chunks, device, dtype),
+    }
+    print(f"preset {args.preset}  device {device}  dtype {str(dtype).split('.')[-1]}  "
+          f"torch threads {torch.get_num_threads()}  (ms per chunk)")
+    print(f"{'chunk':>5} {'TTS ours':>9} {'TTS official':>13} {'voc ours':>9} {'voc official':>13}")
+    for c in range(args.chunks):
+        print(f"{c + 1:>5} {res['tts_ours'][c]:>9.1f} {res['tts_official'][c]:>13.1f} "
+              f"{res['voc_ours'][c]:>9.1f} {res['voc_official'][c]:>13.1f}")
+    for k, v in res.items():
+        first, last = np.median(v[1:4]), np.median(v[-3:])
+        print(f"{k:>13}: chunks 2-4 median {first:.1f} ms, last 3 median {last:.1f} ms, growth x{last / first:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "device": str(device), **res}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
