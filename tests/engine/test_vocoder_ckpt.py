@@ -15,7 +15,6 @@ from omni2.engine.hyperyaml import load_hyperpyyaml_data
 from omni2.engine.vocoder_ckpt import (
     VOCODER_PRESETS,
     VocoderDir,
-    _init_tensor,
     cosyvoice_yaml,
     flow_tensor_plan,
     hift_tensor_plan,
@@ -23,6 +22,7 @@ from omni2.engine.vocoder_ckpt import (
     read_cosyvoice_yaml,
     validate_voice,
 )
+from omni2.engine.vocoder_layout import _init_tensor
 
 CHECK_LAYOUT = Path(__file__).parents[2].parent / "shared/checks/check_layout.py"
 HAS_VOICE = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "kaldi_native_fbank"))
