@@ -1,0 +1,231 @@
+"""CosyVoice2 flow (`CausalMaskedDiffWithXvec` as LLaMA-Omni2 runs it): speech tokens -> 80-bin mel at 50 Hz.
+
+tokens (T,) -> embedding -> FlowEncoder -> encoder_proj: mu (80, 2T); x-vector -> normalise -> affine: spks (80,);
+then conditional flow matching: 10 Euler steps from fixed noise, each running the estimator on a CFG batch of 2.
+
+Two ways to run it, equal to fp32 rounding:
+* `Flow.inference`: the official algorithm, recomputed from token 0 on every call (what token2wav does).
+* `Flow.new_stream` -> `FlowStream`: incremental. Each call recomputes only the open chunks and keeps, for the
+  completed ones, the K/V and conv tails of every layer (for the estimator: of every Euler step and both CFG rows),
+  so its cost does not grow with the utterance (attention over the kept left context aside). docs/FLOW.md argues
+  why the frames it emits are exactly the recompute's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omni2.engine.config import CFMConfig, FlowConfig
+from omni2.stages.flow_cache import KVCache, Span
+from omni2.stages.flow_encoder import FlowEncoder
+from omni2.stages.flow_estimator import FlowEstimator
+
+
+def make_noise(cfg: FlowConfig) -> torch.Tensor:
+    """The CFM's fixed noise (1, 80, noise_frames), drawn on CPU like CosyVoice's `torch.randn` after seeding 0.
+    Frame j always gets column j, which is what makes recomputing from the start reproduce earlier frames."""
+    g = torch.Generator().manual_seed(cfg.cfm.noise_seed)
+    return torch.randn([1, cfg.output_size, cfg.cfm.noise_frames], generator=g)
+
+
+def kv_bytes_per_second(cfg: FlowConfig, bytes_per_value: int = 4) -> float:
+    """K/V bytes an exact stream (left_chunks=None) keeps per second of audio: encoder layers per token and
+    up-encoder layers per frame, and every estimator attention layer per frame x Euler steps x 2 CFG rows."""
+    frames_per_s = cfg.input_frame_rate * cfg.token_mel_ratio
+    e, est = cfg.encoder, cfg.estimator
+    enc = 2 * e.output_size * (e.num_blocks * cfg.input_frame_rate + e.num_up_blocks * frames_per_s)
+    layers = est.n_blocks * (2 + est.num_mid_blocks)
+    dec = 2 * est.num_heads * est.attention_head_dim * layers * cfg.cfm.n_timesteps * 2 * frames_per_s
+    return float((enc + dec) * bytes_per_value)
+
+
+class CFM(nn.Module):
+    """`flow.decoder`: CausalConditionalCFM. Only the estimator has weights; the noise is passed in."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.estimator = FlowEstimator(cfg.estimator)
+
+
+def solve_euler(estimator: FlowEstimator, cfm: CFMConfig, z: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
+                cond: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+    """CausalConditionalCFM.solve_euler for one utterance: z, mu, cond (80, T), spks (80,) -> mel (80, T) fp32.
+
+    spans[s] says where the T frames sit and holds step s's caches (None for a one-shot recompute)."""
+    n = cfm.n_timesteps
+    t_span = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
+    if cfm.t_scheduler == "cosine":
+        t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
+    # CFG batch: row 0 conditioned, row 1 with mu, spks and cond zeroed (same x, same t).
+    mu2 = torch.stack([mu, torch.zeros_like(mu)])
+    spks2 = torch.stack([spks, torch.zeros_like(spks)])
+    cond2 = torch.stack([cond, torch.zeros_like(cond)])
+    # NOTE: t advances by accumulating dt and each dt is t_span[s+1] - t, as upstream does (not t_span[s]).
+    x, t, dt = z, t_span[0], t_span[1] - t_span[0]
+    for step in range(1, n + 1):
+        v = estimator(torch.stack([x, x]), mu2, t.expand(2), spks2, cond2, spans[step - 1])
+        v = (1.0 + cfm.inference_cfg_rate) * v[0] - cfm.inference_cfg_rate * v[1]
+        x = x + dt * v
+        t = t + dt
+        if step < n:
+            dt = t_span[step + 1] - t
+    return x.float()
+
+
+class Flow(nn.Module):
+    """Weights and state_dict keys of the official `flow.pt`."""
+
+    def __init__(self, cfg: FlowConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.input_embedding = nn.Embedding(cfg.vocab_size, cfg.input_size)
+        self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
+        self.encoder = FlowEncoder(cfg)
+        self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
+        self.decoder = CFM(cfg)
+
+    @property
+    def lookahead_frames(self) -> int:
+        return self.cfg.pre_lookahead_len * self.cfg.token_mel_ratio  # 6: withheld until finalize
+
+    def speaker(self, spk_embedding: torch.Tensor) -> torch.Tensor:
+        """x-vector (192,) -> spks (80,)."""
+        return self.spk_embed_affine_layer(F.normalize(spk_embedding[None], dim=1))[0]
+
+    def encode(self, tokens: torch.Tensor, tok: Span, frm: Span) -> torch.Tensor:
+        """tokens (T,) at positions tok.start.. -> mu (80, ratio*T)."""
+        x = self.input_embedding(torch.clamp(tokens, min=0))[None]  # (1, T, 512)
+        return self.encoder_proj(self.encoder(x, tok, frm))[0].transpose(0, 1)
+
+    def _spans(self, start_tok: int, n_tok: int, commit_tok: int, left_chunks: int | None,
+               caches: list | None) -> tuple[Span, Span]:
+        r, c = self.cfg.token_mel_ratio, self.cfg.encoder.static_chunk_size
+        return (Span(start_tok, n_tok, c, commit_tok, left_chunks, caches),
+                Span(r * start_tok, r * n_tok, r * c, r * commit_tok, left_chunks, caches))
+
+    @torch.inference_mode()
+    def inference(self, tokens: torch.Tensor, spk_embedding: torch.Tensor, noise: torch.Tensor, finalize: bool,
+                  left_chunks: int | None = None) -> torch.Tensor:
+        """The official CausalMaskedDiffWithXvec.inference with LLaMA-Omni2's empty prompt: tokens (T,) -> mel
+        (80, L), L = 2T if finalize else 2T - 6. `left_chunks` limits every attention to that many chunks to the
+        left (not official; the reference for windowed streams)."""
+        device = self.input_embedding.weight.device
+        tokens = tokens.to(device)
+        n, r = tokens.shape[0], self.cfg.token_mel_ratio
+        L = r * n if finalize else max(r * n - self.lookahead_frames, 0)
+        if L == 0:  # the official code would fail on an empty mel; there is simply nothing to emit yet
+            return torch.zeros(self.cfg.output_size, 0, device=device)
+        mu = self.encode(tokens, *self._spans(0, n, 0, left_chunks, None))[:, :L]
+        z = noise[0, :, :L].to(device) * self.cfg.cfm.temperature
+        if z.shape[1] < L:
+            raise ValueError(f"{L} mel frames exceed the {noise.shape[2]} noise frames")
+        span = Span(0, L, self.cfg.estimator.static_chunk_size, left_chunks=left_chunks)
+        return solve_euler(self.decoder.estimator, self.cfg.cfm, z, mu, self.speaker(spk_embedding.to(device)),
+                           torch.zeros_like(mu), [span] * self.cfg.cfm.n_timesteps)
+
+    def new_stream(self, spk_embedding: torch.Tensor, noise: torch.Tensor,
+                   left_chunks: int | None = None) -> FlowStream:
+        return FlowStream(self, spk_embedding, noise, left_chunks)
+
+    @torch.inference_mode()
+    def stream_step(self, streams: list[FlowStream], finalize: list[bool]) -> list[torch.Tensor]:
+        """Advance several sessions: each returns its new mel frames (80, k).
+
+        Sessions run one after another: their open spans, cached lengths and relative positions all differ, and a
+        padded batch would need per-row masks in every conv and attention layer."""
+        return [s._step(f) for s, f in zip(streams, finalize, strict=True)]
+
+
+class FlowStream:
+    """One session's incremental flow. `push` tokens as they come; `mel(finalize)` returns the frames the official
+    token2wav schedule emits at that point: from the end of the previous output to 2n - 6 (n tokens so far), or to
+    2n when finalizing, equal to `Flow.inference(tokens[:n], finalize)[:, previous_end:]`.
+
+    Positions: tokens [0, enc_done) and frames [0, est_done) are committed (their layer state is cached); frames
+    [est_done, 2*enc_done) have final mu not yet committed by the estimator (their chunk is not complete);
+    everything after is recomputed by the next call.
+    """
+
+    def __init__(self, flow: Flow, spk_embedding: torch.Tensor, noise: torch.Tensor, left_chunks: int | None = None):
+        cfg = flow.cfg
+        device = flow.input_embedding.weight.device
+        self.flow, self.noise, self.left_chunks = flow, noise, left_chunks
+        with torch.inference_mode():
+            self.spks = flow.speaker(spk_embedding.to(device))  # (80,)
+        self.tokens = torch.zeros(0, dtype=torch.long, device=device)  # tokens [enc_done, n)
+        self.mu_pending = torch.zeros(cfg.output_size, 0, device=device)  # mu of frames [est_done, 2*enc_done)
+        self.n = self.enc_done = self.est_done = self.emitted = 0
+        self.finished = False
+        self.enc_caches = flow.encoder.new_caches()
+        self.est_caches = [flow.decoder.estimator.new_caches() for _ in range(cfg.cfm.n_timesteps)]
+        self.frames_estimated = 0  # estimator frames the last call ran (per Euler step and CFG row)
+        self.tokens_encoded = 0  # encoder tokens the last call ran
+
+    def push(self, new_tokens: torch.Tensor) -> None:
+        if self.finished:
+            raise RuntimeError("push after finalize")
+        self.tokens = torch.cat([self.tokens, new_tokens.to(self.tokens.device, torch.long).reshape(-1)])
+        self.n += new_tokens.numel()
+
+    def mel(self, finalize: bool = False) -> torch.Tensor:
+        return self.flow.stream_step([self], [finalize])[0]
+
+    def _caches(self) -> list:
+        return self.enc_caches + [c for step in self.est_caches for c in step]
+
+    def cache_bytes(self) -> int:
+        """Bytes allocated for this session's left context: K/V buffers (capacity), conv tails, pending mu."""
+        return (sum(c.nbytes() for c in self._caches())
+                + self.mu_pending.numel() * self.mu_pending.element_size())
+
+    def kv_bytes(self) -> int:
+        """Bytes of committed keys/values alone (what `kv_bytes_per_second` predicts)."""
+        return sum(c.live_bytes() for c in self._caches() if isinstance(c, KVCache))
+
+    def _step(self, finalize: bool) -> torch.Tensor:
+        flow, cfg = self.flow, self.flow.cfg
+        if self.finished:
+            raise RuntimeError("mel after finalize")
+        n, r, look = self.n, cfg.token_mel_ratio, cfg.pre_lookahead_len
+        L = r * n if finalize else max(r * n - flow.lookahead_frames, 0)
+        self.frames_estimated = self.tokens_encoded = 0
+        if L <= self.emitted:  # nothing new to emit (e.g. fewer than 4 tokens so far)
+            if finalize:
+                self._close()
+            return self.mu_pending.new_zeros(cfg.output_size, 0)
+        if L > self.noise.shape[2]:
+            raise ValueError(f"{L} mel frames exceed the {self.noise.shape[2]} noise frames")
+
+        # 1. Encoder over the open tokens [enc_done, n). A token chunk is final once `look` tokens follow its end
+        #    (the pre-lookahead conv reads them; every other layer is causal or chunk-masked). At finalize nothing
+        #    needs keeping.
+        ce, cd = cfg.encoder.static_chunk_size, cfg.estimator.static_chunk_size
+        done = self.enc_done if finalize else max(self.enc_done, (n - look) // ce * ce)
+        tok, frm = flow._spans(self.enc_done, n - self.enc_done, done - self.enc_done, self.left_chunks,
+                               self.enc_caches)
+        mu = torch.cat([self.mu_pending, flow.encode(self.tokens, tok, frm)], dim=1)  # frames [est_done, r*n)
+        self.tokens_encoded = n - self.enc_done
+
+        # 2. Estimator over the open frames [est_done, L): an estimator chunk is final once all its mu are final.
+        est_new = self.est_done if finalize else max(self.est_done, r * done // cd * cd)
+        start = self.est_done
+        spans = [Span(start, L - start, cd, est_new - start, self.left_chunks, caches) for caches in self.est_caches]
+        z = self.noise[0, :, start:L].to(mu.device) * cfg.cfm.temperature
+        mel = solve_euler(flow.decoder.estimator, cfg.cfm, z, mu[:, :L - start], self.spks,
+                          torch.zeros_like(mu[:, :L - start]), spans)
+        self.frames_estimated = L - start
+
+        # 3. Move the commit points.
+        self.mu_pending = mu[:, est_new - start:r * done - start].clone()
+        self.tokens = self.tokens[done - self.enc_done:]
+        self.enc_done, self.est_done = done, est_new
+        out, self.emitted = mel[:, self.emitted - start:], L
+        if finalize:
+            self._close()
+        return out
+
+    def _close(self) -> None:
+        """The reply is over: no more pushes, and its context is freed now rather than when the object dies."""
+        self.finished = True
+        self.enc_caches, self.est_caches = [], []
