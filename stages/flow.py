@@ -7,7 +7,7 @@ Two ways to run it, equal to fp32 rounding:
 * `Flow.inference`: the official algorithm, recomputed from token 0 on every call (what token2wav does).
 * `Flow.new_stream` -> `FlowStream`: incremental. Each call recomputes only the open chunks and keeps, for the
   completed ones, the K/V and conv tails of every layer (for the estimator: of every Euler step and both CFG rows),
-  so its cost does not grow with the utterance (attention over the kept left context aside). docs/FLOW.md argues
+  so its cost does not grow with the utterance (attention over the kept left context aside). docs/ARCHITECTURE.md argues
   why the frames it emits are exactly the recompute's.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ class VocoderError(RuntimeError):
 @dataclass(frozen=True)
 class VocoderOptions:
     """mode: "incremental" (cached chunks) or "recompute" (official cost). token_hop: units per call (None = the
-    official 50). left_chunks: flow attention window in chunks (None = all = exact; see docs/FLOW.md).
+    official 50). left_chunks: flow attention window in chunks (None = all = exact; see docs/ARCHITECTURE.md).
     deterministic: zero HiFT's random source phases and noise (tests, cross-implementation comparisons)."""
 
     mode: str = "incremental"

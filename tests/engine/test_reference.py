@@ -49,7 +49,7 @@ def test_same_seed_same_reply_and_baseline_agrees(pipe, tiny_ckpt, tiny_vocoder)
     base = ReferencePipeline(tiny_ckpt, tiny_vocoder, limits=Limits(max_sessions=1, max_new_tokens=10), baseline=True)
     c = run_turn(base, AUDIO, 16000, opts)
     assert c.token_ids == a.token_ids and c.units == a.units
-    # Same mel to ~1e-6; HiFT's phase integration turns rounding into up to ~1e-2 of PCM (docs/FLOW.md).
+    # Same mel to ~1e-6; HiFT's phase integration turns rounding into up to ~1e-2 of PCM (docs/ARCHITECTURE.md).
     assert np.abs(c.pcm - a.pcm).max() < 2e-2
 
 

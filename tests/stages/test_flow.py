@@ -370,7 +370,7 @@ def test_stream_work_per_call_is_bounded(flow, name):
 
 def test_windowed_stream(flow):
     """left_chunks=k: equal to a recompute with every attention limited to k left chunks; its difference from
-    the exact flow is measured (documented in docs/FLOW.md); its cache stays flat as the reply grows."""
+    the exact flow is measured (documented in docs/ARCHITECTURE.md); its cache stays flat as the reply grows."""
     cfg = flow.cfg
     tokens, spk = replies(cfg)
     noise = make_noise(cfg)
@@ -381,7 +381,7 @@ def test_windowed_stream(flow):
     _, ex = run_stream(flow, tokens, spk, noise, calls, recompute=False)  # exact stream == recompute: tested above
     exact = torch.cat([c[0] for c in ex], 1)
     # Frames whose every attention fits in the window are exact; later ones differ. Measured with these random
-    # weights: max 0.80, rms 0.134 (output max 4.8, rms 1.33) -- see docs/FLOW.md.
+    # weights: max 0.80, rms 0.134 (output max 4.8, rms 1.33) -- see docs/ARCHITECTURE.md.
     diff = (got - exact).abs()
     exact_frames = (2 + 1) * CD
     assert diff[:, :exact_frames].max().item() < 1e-4
