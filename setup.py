@@ -24,9 +24,11 @@ setup(
         "pyyaml>=5.4",  # cosyvoice.yaml, read as data (engine/hyperyaml.py)
     ],
     extras_require={
-        # onnx builds the tiny random campplus.onnx; with onnxruntime + kaldi-native-fbank, tests enrol voices
+        # onnx builds the tiny random campplus.onnx; with onnxruntime + kaldi-native-fbank, tests enrol voices;
+        # triton runs the kernels' tests on CPU in its interpreter (TRITON_INTERPRET=1; tested with 3.9.0). At
+        # runtime triton is optional: without it every kernel falls back to its torch reference.
         "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4", "onnx>=1.14", "onnxruntime>=1.16",
-                 "kaldi-native-fbank>=1.18"],
+                 "kaldi-native-fbank>=1.18", "triton>=3.0"],
         "voice": ["onnxruntime>=1.16", "kaldi-native-fbank>=1.18"],  # enrol a voice from a wav (campplus.onnx)
         "bench": ["matplotlib>=3.7"],
         "audio": ["sounddevice>=0.4"],

@@ -161,19 +161,22 @@ class Qwen2LM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def forward(self, embeds: torch.Tensor, batch: Batch, cache: KVCache):
-        """Returns the final-norm hidden state (B, H) and logits (B, V) of each row's last real position."""
+    def forward(self, embeds: torch.Tensor, batch: Batch, cache: KVCache, head: bool = True):
+        """Returns the final-norm hidden state (B, H) and logits (B, V) of each row's last real position.
+        head=False skips the lm_head (logits None), for callers that apply the head themselves."""
         hidden = self.model(embeds, batch, cache)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.lengths - 1]  # (B, H)
-        return last, self.lm_head(last)
+        return last, self.lm_head(last) if head else None
 
 
-def forward_rows(lm: Qwen2LM, cache: KVCache, slots: list[int], starts: list[int], rows: list[torch.Tensor]):
+def forward_rows(lm: Qwen2LM, cache: KVCache, slots: list[int], starts: list[int], rows: list[torch.Tensor],
+                 head: bool = True):
     """One forward over several sessions: row b appends embeddings rows[b] (n_b, H) to slot slots[b] at
-    position starts[b]. Returns the final-norm hidden (B, H) and logits (B, V) of each row's last position."""
+    position starts[b]. Returns the final-norm hidden (B, H) and logits (B, V) of each row's last position
+    (logits None when head=False)."""
     lengths = [r.shape[0] for r in rows]
     first = rows[0]
     embeds = first.new_zeros(len(rows), max(lengths), first.shape[-1])  # (B, T, H), right-padded
     for b, r in enumerate(rows):
         embeds[b, : r.shape[0]] = r
-    return lm(embeds, Batch.make(slots, starts, lengths, first.device), cache)
+    return lm(embeds, Batch.make(slots, starts, lengths, first.device), cache, head)

@@ -46,13 +46,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
-    """U(0,1) noise (B, vocab) as a pure function of (seed, counter, token id); fp32, never 0 or 1."""
+def token_noise(seeds: torch.Tensor, counters: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """U(0,1) noise (B, n) for the token ids listed in token_ids (n,), as a pure function of (seed, counter,
+    token id); fp32, never 0 or 1. kernels/fsq_decode.py computes the same hash in Triton."""
     seed_lo, seed_hi = seeds & _M32, (seeds >> 32) & _M32
     key = _mix32(_mix32(_mix32(seed_lo) ^ seed_hi) ^ (counters & _M32))  # (B,)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    h = _mix32(key[:, None] ^ _mix32(ids)[None, :])  # (B, V)
+    h = _mix32(key[:, None] ^ _mix32(token_ids.long())[None, :])  # (B, n)
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0,1) noise (B, vocab) for token ids 0..vocab-1."""
+    return token_noise(seeds, counters, torch.arange(vocab, device=seeds.device, dtype=torch.int64))
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -76,24 +81,33 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.full_like(x, -float("inf")).scatter(-1, order, kept_sorted)
 
 
+def sample_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  seeds: torch.Tensor, counters: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Tensor form of `sample`, without a host sync: row b of logits (B, n) is argmax-sampled with its own
+    temperature / top_k / top_p / seed / counter (temperature 0 = greedy). Column c holds token token_ids[c]
+    (default: c), which keys its noise. Returns column indices (B,)."""
+    logits = logits.float()
+    ids = torch.arange(logits.shape[-1], device=logits.device) if token_ids is None else token_ids
+    hot = temperature > 0
+    # Greedy rows are filtered with T = 1 only to keep the arithmetic finite; their result is the plain argmax.
+    filtered = filter_logits(logits, torch.where(hot, temperature, torch.ones_like(temperature)), top_k, top_p)
+    gumbel = -torch.log(-torch.log(token_noise(seeds, counters, ids)))
+    return torch.where(hot, (filtered + gumbel).argmax(-1), logits.argmax(-1))
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], counters: list[int]) -> torch.Tensor:
     """Pick one token id per row of logits (B, V); row b uses params[b] and its own step counter[b]."""
     logits = logits.float()
-    dev = logits.device
     out = logits.argmax(-1)
     hot = [i for i, p in enumerate(params) if not p.greedy]
-    if not hot:
+    if not hot:  # known on the host: skip the sort and the noise
         return out
-    idx = torch.tensor(hot, device=dev)
+    dev = logits.device
     P = [params[i] for i in hot]
-    filtered = filter_logits(
-        logits[idx],
-        torch.tensor([p.temperature for p in P], device=dev),
-        torch.tensor([p.top_k for p in P], device=dev),
-        torch.tensor([p.top_p for p in P], device=dev),
-    )
-    u = uniform_noise(torch.tensor([p.seed for p in P], device=dev),
-                      torch.tensor([counters[i] for i in hot], device=dev), logits.shape[-1])
-    gumbel = -torch.log(-torch.log(u))
-    out[idx] = (filtered + gumbel).argmax(-1)
+    idx = torch.tensor(hot, device=dev)
+    out[idx] = sample_logits(logits[idx], torch.tensor([p.temperature for p in P], device=dev),
+                             torch.tensor([p.top_k for p in P], device=dev),
+                             torch.tensor([p.top_p for p in P], device=dev),
+                             torch.tensor([p.seed for p in P], device=dev),
+                             torch.tensor([counters[i] for i in hot], device=dev))
     return out

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from omni2.engine.config import ConfigError, Limits, StreamParams
+from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
 from omni2.stages.layers import KVCache, Qwen2LM, forward_rows
-from omni2.stages.sampling import SamplingParams, sample
+from omni2.stages.sampling import SamplingParams
 
 # The official generate_units sampling: temperature 1, top_p 1, and transformers' default top_k of 50.
 OFFICIAL_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
@@ -32,7 +33,8 @@ class TTSError(RuntimeError):
 class TTSOptions:
     """Deviations from the official algorithm, each off by default.
 
-    units_only: sample among unit tokens + EOS only (the official head may pick text ids, which yield no audio).
+    units_only: sample among unit tokens + EOS only (the official head may pick text ids, which yield no audio);
+        the head then reads only those 6562 rows (kernels/fsq_decode.py).
     offline: read the whole reply before writing any unit (the paper's non-streaming comparison).
     gate_override: fix the fusion gate g (1.0 = hidden state only, 0.0 = text embedding only; paper ablation).
     reprefill: the official cost model — rebuild the cache from position 0 every chunk (baseline for benches).
@@ -110,13 +112,6 @@ class TTSStage:
         self.cache = KVCache(lm.cfg, limits.max_sessions, options.max_context, self.device, dtype)
         self.sessions: dict[str, _Session] = {}
         self.free_slots = list(range(limits.max_sessions))[::-1]
-        if options.units_only:
-            allowed = torch.zeros(lm.cfg.vocab_size, dtype=torch.bool, device=self.device)
-            allowed[unit0:unit0 + n_units] = True
-            allowed[eos_id] = True
-            self._mask = torch.where(allowed, 0.0, -float("inf"))
-        else:
-            self._mask = None
 
     @classmethod
     def from_checkpoint(cls, model_dir, limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
@@ -183,10 +178,8 @@ class TTSStage:
         if too_long:
             raise TTSError(f"sessions {too_long} exceed the TTS context of {self.opts.max_context} positions")
         with torch.inference_mode():
-            _, logits = forward_rows(self.lm, self.cache, [s.slot for _, s in writers], starts, rows)
-            if self._mask is not None:
-                logits = logits.float() + self._mask
-            ids = sample(logits, [s.sampling for _, s in writers], [s.counter for _, s in writers]).tolist()
+            hidden, _ = forward_rows(self.lm, self.cache, [s.slot for _, s in writers], starts, rows, head=False)
+            ids = self._decode(hidden, [s for _, s in writers]).tolist()
         out = []
         for (sid, s), st, r, tok in zip(writers, starts, rows, ids):
             s.pos, s.pending, s.last = st + r.shape[0], None, tok
@@ -201,6 +194,17 @@ class TTSStage:
             if done:
                 self.sessions[sid] = _Session(s.slot, s.sampling, counter=s.counter)
         return out
+
+    def _decode(self, hidden: torch.Tensor, sessions: list[_Session]) -> torch.Tensor:
+        """Head + sampling of one step (B, H) -> TTS ids (B,); without units_only over the full vocab, as official."""
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        P = [s.sampling for s in sessions]
+        return fsq_decode(hidden, self.lm.lm_head.weight, self.unit0, self.n_units, self.eos_id,
+                          col([p.temperature for p in P], torch.float32), col([p.top_k for p in P], torch.int64),
+                          col([p.top_p for p in P], torch.float32), col([p.seed for p in P], torch.int64),
+                          col([s.counter for s in sessions], torch.int64), full_vocab=not self.opts.units_only)
 
     def _get(self, session_id: str) -> _Session:
         s = self.sessions.get(session_id)

@@ -1,9 +1,17 @@
 """Fixtures shared by every test package."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors in triton's interpreter. triton reads TRITON_INTERPRET when a
+# kernel is decorated, i.e. when omni2.kernels.* is first imported (by whichever test module comes first), so it
+# is set here, before any test module is collected. Kernel tests then force the Triton path (kernels/_dispatch.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +38,14 @@ def tiny_vocoder(tiny_root: Path) -> Path:
     from omni2.engine.vocoder_ckpt import write_vocoder_checkpoint
 
     return write_vocoder_checkpoint(tiny_root, "tiny", seed=0)
+
+
+@pytest.fixture
+def force_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route omni2.kernels calls through their Triton kernels, also on CPU tensors (interpreted); the test is
+    skipped where triton is not importable."""
+    from omni2.kernels import _dispatch
+
+    if not _dispatch.HAS_TRITON:
+        pytest.skip("triton is not importable: the Triton kernels cannot run here (the references still do)")
+    monkeypatch.setattr(_dispatch, "FORCE_TRITON", True)

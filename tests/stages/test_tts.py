@@ -215,3 +215,24 @@ def test_bad_inputs_are_clear_errors(md, stage_factory):
 
 def test_stream_params_come_from_the_checkpoint(md, stage_factory):
     assert stage_factory().stream == StreamParams(3, 10)
+
+
+@pytest.mark.parametrize("units_only", [True, False], ids=["units_only", "full_vocab"])
+def test_kernels_give_the_same_units_as_the_references(md, force_triton, monkeypatch, units_only):
+    """One session through the Triton kernels (gate fusion, FSQ decode; interpreted on CPU) and through the torch
+    references: the same tokens, step for step. The final flush is capped at 20 units: the interpreter is slow."""
+    from omni2.kernels import _dispatch
+
+    monkeypatch.setattr("omni2.stages.tts.FINAL_MAX_UNITS", 20)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids, h = reply(md, 5, 8)
+    runs = []
+    for kernels in (True, False):
+        monkeypatch.setattr(_dispatch, "FORCE_TRITON", kernels)
+        monkeypatch.setattr(_dispatch, "FORCE_REFERENCE", not kernels)
+        st = TTSStage.from_checkpoint(md, Limits(max_sessions=1), TTSOptions(units_only=units_only), device=device)
+        st.open("s", SamplingParams(1.0, 50, 1.0, seed=21))
+        runs.append(run_stage(st, "s", ids, h))
+    assert runs[0] == runs[1]
+    toks = sum(runs[0], [])
+    assert sum(md.special_ids().is_unit(t) for t in toks) >= 15, toks
