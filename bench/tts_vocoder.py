@@ -7,7 +7,8 @@ TTS: one chunk = read R thinker tokens, write W units (EOS disabled so every chu
 the chunk to a kept KV cache; the baseline (`TTSOptions(reprefill=True)`) re-prefills the whole history, as
 LLMSpeechGenerator.generate_units does. Vocoder: one chunk = the 10 units a TTS chunk writes, voiced with a
 10-unit hop; ours keeps the flow's completed chunks, the baseline reruns the flow from unit 0 (token2wav).
-Prints ms per chunk for chunks 1..N; ours must stay flat.
+Prints ms per chunk for chunks 1..N; ours must stay flat. On a CPU shared with other work, run it with
+OMP_NUM_THREADS=1: torch's spinning worker threads make small ops erratic (10-100x) on a busy 2-core machine.
 """
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "7b"])
     ap.add_argument("--root", default="checkpoints")
     ap.add_argument("--chunks", type=int, default=30)
+    ap.add_argument("--voc-chunks", type=int, default=None, help="vocoder chunks (default --chunks); the official "
+                    "recompute at real CosyVoice2 dims takes minutes per late chunk on a CPU")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
     ap.add_argument("--json", help="also write the numbers here")
@@ -95,15 +98,16 @@ def main(argv=None) -> None:
     res = {
         "tts_ours": tts_chunks(md, TTSOptions(), args.chunks, device, dtype),
         "tts_official": tts_chunks(md, TTSOptions(reprefill=True), args.chunks, device, dtype),
-        "voc_ours": vocoder_chunks(vocoder_dir, "incremental", args.chunks, device, dtype),
-        "voc_official": vocoder_chunks(vocoder_dir, "recompute", args.chunks, device, dtype),
+        "voc_ours": vocoder_chunks(vocoder_dir, "incremental", args.voc_chunks or args.chunks, device, dtype),
+        "voc_official": vocoder_chunks(vocoder_dir, "recompute", args.voc_chunks or args.chunks, device, dtype),
     }
     print(f"preset {args.preset}  device {device}  dtype {str(dtype).split('.')[-1]}  "
           f"torch threads {torch.get_num_threads()}  (ms per chunk)")
     print(f"{'chunk':>5} {'TTS ours':>9} {'TTS official':>13} {'voc ours':>9} {'voc official':>13}")
+    cell = lambda k, c: f"{res[k][c]:.1f}" if c < len(res[k]) else "-"  # noqa: E731
     for c in range(args.chunks):
-        print(f"{c + 1:>5} {res['tts_ours'][c]:>9.1f} {res['tts_official'][c]:>13.1f} "
-              f"{res['voc_ours'][c]:>9.1f} {res['voc_official'][c]:>13.1f}")
+        print(f"{c + 1:>5} {cell('tts_ours', c):>9} {cell('tts_official', c):>13} "
+              f"{cell('voc_ours', c):>9} {cell('voc_official', c):>13}")
     for k, v in res.items():
         first, last = np.median(v[1:4]), np.median(v[-3:])
         print(f"{k:>13}: chunks 2-4 median {first:.1f} ms, last 3 median {last:.1f} ms, growth x{last / first:.2f}")
