@@ -61,6 +61,24 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class SlotPool:
+    """Which cache slots are free: the session bookkeeping the LLM and TTS stages share."""
+
+    def __init__(self, n: int, stage: str, error: type[Exception]):
+        self.n, self.stage, self.error = n, stage, error
+        self.free = list(range(n))[::-1]
+
+    def take(self, session_id: str, sessions: dict) -> int:
+        if session_id in sessions:
+            raise self.error(f"session {session_id!r} is already open")
+        if not self.free:
+            raise self.error(f"all {self.n} {self.stage} session slots are in use")
+        return self.free.pop()
+
+    def give(self, slot: int) -> None:
+        self.free.append(slot)
+
+
 class Batch:
     """Index tensors of one forward: which slots, where each row starts, how many of its T tokens are real."""
 

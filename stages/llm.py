@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from omni2.engine.config import Limits
-from omni2.stages.layers import KVCache, Qwen2LM, forward_rows
+from omni2.stages.layers import KVCache, Qwen2LM, SlotPool, forward_rows
 from omni2.stages.sampling import SamplingParams, sample
 
 
@@ -90,7 +90,7 @@ class LLMStage:
         self.limits, self.device, self.dtype = limits, torch.device(device), dtype
         self.cache = KVCache(lm.cfg, limits.max_sessions, limits.max_context, self.device, dtype)
         self.sessions: dict[str, _Session] = {}
-        self.free_slots = list(range(limits.max_sessions))[::-1]
+        self.slots = SlotPool(limits.max_sessions, "LLM", LLMError)
 
     @classmethod
     def from_checkpoint(cls, model_dir, limits: Limits = Limits(), device="cpu", dtype=torch.float32) -> LLMStage:
@@ -105,16 +105,12 @@ class LLMStage:
 
     # -- session lifecycle -------------------------------------------------------------------------------
     def open(self, session_id: str, sampling: SamplingParams = SamplingParams()) -> None:
-        if session_id in self.sessions:
-            raise LLMError(f"session {session_id!r} is already open")
-        if not self.free_slots:
-            raise LLMError(f"all {self.limits.max_sessions} LLM session slots are in use")
-        self.sessions[session_id] = _Session(self.free_slots.pop(), sampling)
+        self.sessions[session_id] = _Session(self.slots.take(session_id, self.sessions), sampling)
 
     def close(self, session_id: str) -> None:
         s = self.sessions.pop(session_id, None)
         if s is not None:
-            self.free_slots.append(s.slot)
+            self.slots.give(s.slot)
 
     def cancel(self, session_id: str) -> None:
         """Stop the current turn (barge-in); the cut-off answer is not kept in the history."""

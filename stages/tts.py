@@ -17,7 +17,7 @@ from torch import nn
 from omni2.engine.config import ConfigError, Limits, StreamParams
 from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
-from omni2.stages.layers import KVCache, Qwen2LM, forward_rows
+from omni2.stages.layers import KVCache, Qwen2LM, SlotPool, forward_rows
 from omni2.stages.sampling import SamplingParams
 
 # The official generate_units sampling: temperature 1, top_p 1, and transformers' default top_k of 50.
@@ -111,7 +111,7 @@ class TTSStage:
         self.device, self.dtype = torch.device(device), dtype
         self.cache = KVCache(lm.cfg, limits.max_sessions, options.max_context, self.device, dtype)
         self.sessions: dict[str, _Session] = {}
-        self.free_slots = list(range(limits.max_sessions))[::-1]
+        self.slots = SlotPool(limits.max_sessions, "TTS", TTSError)
 
     @classmethod
     def from_checkpoint(cls, model_dir, limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
@@ -131,16 +131,12 @@ class TTSStage:
 
     # -- session lifecycle -------------------------------------------------------------------------------
     def open(self, session_id: str, sampling: SamplingParams = OFFICIAL_SAMPLING) -> None:
-        if session_id in self.sessions:
-            raise TTSError(f"session {session_id!r} is already open")
-        if not self.free_slots:
-            raise TTSError(f"all {self.limits.max_sessions} TTS session slots are in use")
-        self.sessions[session_id] = _Session(self.free_slots.pop(), sampling)
+        self.sessions[session_id] = _Session(self.slots.take(session_id, self.sessions), sampling)
 
     def close(self, session_id: str) -> None:
         s = self.sessions.pop(session_id, None)
         if s is not None:
-            self.free_slots.append(s.slot)
+            self.slots.give(s.slot)
 
     def cancel(self, session_id: str) -> None:
         """Drop the reply in progress; the session can take the next reply."""
