@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 import torch
+from harness import timed
 
 from omni2.engine.config import Limits
 from omni2.engine.layout import PRESETS
@@ -49,17 +48,7 @@ def timed_ms(fn, device: torch.device, warmup: int, iters: int, cold_l2: bool = 
     if device.type == "cuda" and cold_l2 and _dispatch.HAS_TRITON:
         from triton.testing import do_bench
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timed(fn, device, warmup, iters)
 
 
 def kernels_runnable(device: torch.device) -> bool:

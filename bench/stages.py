@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import timed
 
 from omni2.engine.checkpoint import ModelDir, write_checkpoint
 from omni2.engine.config import Limits
@@ -25,21 +24,6 @@ from omni2.stages.asr import ASRStage
 from omni2.stages.llm import LLMStage, LLMTurn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall-clock ms of fn() (synchronising the device around each call)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def bench_asr(md: ModelDir, device, dtype, batches, warmup, iters) -> dict:
