@@ -56,7 +56,8 @@ from .vocoder_layout import (  # noqa: F401  (re-exported: the writer and the fi
 from .voice import VOICE_DIM
 
 __all__ = ["VOCODER_PRESETS", "VOICE_DIM", "VocoderDir", "check_state_dict", "cosyvoice_yaml", "flow_tensor_plan",
-           "hift_tensor_plan", "load_hift", "read_cosyvoice_yaml", "validate_voice", "write_vocoder_checkpoint"]
+           "hift_tensor_plan", "load_flow", "load_hift", "read_cosyvoice_yaml", "validate_voice",
+           "write_vocoder_checkpoint"]
 
 
 _VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -307,14 +308,28 @@ class VocoderDir:
         return f
 
 
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, device, dtype) -> None:
+    """Assign `state` into a meta-built `model`, after naming every missing, extra or misshaped tensor."""
+    check_state_dict(model, state, source)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+
+
+def load_flow(vd: VocoderDir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The flow built on the meta device and loaded strictly from vd's flow.pt."""
+    from omni2.stages.flow import Flow
+
+    with torch.device("meta"):
+        model = Flow(vd.config.flow)
+    _load_strict(model, vd.flow_state(), str(vd.path / FLOW_FILE), device, dtype)
+    return model.eval().requires_grad_(False)
+
+
 def load_hift(vd: VocoderDir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """HiFT built on the meta device and loaded strictly from vd's hift.pt (weight norm folded for inference)."""
     from omni2.stages.hift import HiFT
 
     with torch.device("meta"):
         model = HiFT(vd.config.hift)
-    state = vd.hift_state()
-    check_state_dict(model, state, str(vd.path / HIFT_FILE))
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
+    _load_strict(model, vd.hift_state(), str(vd.path / HIFT_FILE), device, dtype)
     model.init_non_persistent(device)
     return model.eval().requires_grad_(False).fold_weight_norm()

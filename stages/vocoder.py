@@ -98,16 +98,11 @@ class VocoderStage:
     @classmethod
     def from_checkpoint(cls, vocoder_dir, limits: Limits = Limits(), options: VocoderOptions = VocoderOptions(),
                         device="cpu", dtype=torch.float32, voices_dir: str | Path | None = None) -> VocoderStage:
-        from omni2.engine.vocoder_ckpt import FLOW_FILE, VocoderDir, check_state_dict, load_hift
+        from omni2.engine.vocoder_ckpt import VocoderDir, load_flow, load_hift
 
         vd = vocoder_dir if isinstance(vocoder_dir, VocoderDir) else VocoderDir(vocoder_dir, voices_dir)
-        with torch.device("meta"):
-            flow = Flow(vd.config.flow)
-        state = vd.flow_state()
-        check_state_dict(flow, state, str(vd.path / FLOW_FILE))
-        flow.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True,
-                             assign=True)
-        return cls(flow, load_hift(vd, device, dtype), vd.config, vd.noise(), vd, limits, options, device, dtype)
+        return cls(load_flow(vd, device, dtype), load_hift(vd, device, dtype), vd.config, vd.noise(), vd, limits,
+                   options, device, dtype)
 
     @property
     def sample_rate(self) -> int:
