@@ -21,8 +21,8 @@ install:
 
 test:
 	@# One torch thread per test worker: the tiny models are latency-bound and 2 workers x N threads on 2
-	@# cores thrash.
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+	@# cores thrash. loadgroup keeps each module that starts an engine (xdist_group) on one test process.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 lint:
 	$(PY) -m ruff check engine stages kernels bench tests

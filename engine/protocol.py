@@ -38,7 +38,11 @@ class WorkerReady:
 
 @dataclass(slots=True)
 class Heartbeat:
-    """worker -> supervisor, every interval: alive, and how loaded."""
+    """worker -> supervisor, every interval, from a thread of its own: alive, and how loaded.
+
+    step_s = how long the step now running has run (0 when idle): a hung step shows here while the heartbeat
+    thread still beats. last_step_ms / last_batch describe the previous step; queued = messages waiting,
+    steps = steps taken so far."""
 
     stage: str
     pid: int
@@ -46,6 +50,12 @@ class Heartbeat:
     sessions: int
     busy: bool
     t: float
+    step_s: float = 0.0
+    last_step_ms: float = 0.0
+    last_batch: int = 0
+    queued: int = 0
+    steps: int = 0
+    rings: dict[str, int] = field(default_factory=dict)  # slots in use per output edge (bounded by n_slots)
 
 
 @dataclass(slots=True)
@@ -65,6 +75,24 @@ class StageError:
     message: str
     fatal: bool
     t: float
+    turns: list[int] = field(default_factory=list)  # the turn of each session it hit (parallel to session_ids)
+
+
+@dataclass(slots=True)
+class SessionAck:
+    """worker -> supervisor: an OpenSession was applied (error "") or refused (error = why, for the user)."""
+
+    stage: str
+    session_id: str
+    error: str
+    t: float
+
+
+@dataclass(slots=True)
+class RingReset:
+    """supervisor -> the producer of `edge`: its consumer was restarted, free every slot it held (ring.reclaim)."""
+
+    edge: str
 
 
 @dataclass(slots=True)
@@ -168,6 +196,7 @@ class LlmToServer:
     texts: list[str]
     finish_reasons: list[str | None]
     t: float
+    asr_t: list[float] = field(default_factory=list)  # per row: when its speech left the ASR (first token), else 0
 
 
 @dataclass(slots=True)
@@ -202,6 +231,7 @@ class VocoderToServer:
     finals: list[bool]
     sample_rate: int
     t: float
+    in_t: list[float] = field(default_factory=list)  # per row: when the units that completed it left the TTS
 
 
 # ------------------------------------------------------------------------------- user events (server -> client)
@@ -269,7 +299,8 @@ Event = TextDelta | UnitChunk | AudioDelta | TurnDone | ErrorEvent
 
 # One byte each, never reused: 0x0_ control, 0x1_ session lifecycle, 0x2_ data plane, 0x4_ user events.
 KINDS: dict[type, int] = {
-    WorkerReady: 0x01, Heartbeat: 0x02, Shutdown: 0x03, StageError: 0x04, SlotCredit: 0x05,
+    WorkerReady: 0x01, Heartbeat: 0x02, Shutdown: 0x03, StageError: 0x04, SlotCredit: 0x05, SessionAck: 0x06,
+    RingReset: 0x07,
     OpenSession: 0x10, CloseSession: 0x11, CancelSession: 0x12,
     ServerToAsr: 0x20, AsrToLlm: 0x21, LlmToTts: 0x22, LlmToServer: 0x23, TtsToVocoder: 0x24, TtsToServer: 0x25,
     VocoderToServer: 0x26,
@@ -317,3 +348,240 @@ def unpack_body(cls: type, body: object, buffers: list[memoryview]) -> object:
 _SPECS = {cls: serial.field_specs(cls) for cls in [*KINDS, SlotRef]}
 _BY_KIND = {k: c for c, k in KINDS.items()}
 assert len(_BY_KIND) == len(KINDS), "two messages share a kind byte"
+
+
+# ======================================================================== client wire: daemon front door
+# What `omni2-engine serve` (engine/server.py) and its clients (engine/client.py) exchange over the ROUTER /
+# DEALER sockets: the same framing as above ([kind byte, msgpack array, *tensor frames]), kinds 0x60-0x7f
+# (0x6_ client -> server, 0x7_ server -> client). Each class's TYPE is its name in docs/PROTOCOL.md and in the
+# client API, after the OpenAI Realtime API where the meaning is the same. The codec checks shapes and types;
+# engine/server.py checks values (lengths, ranges, enums) and answers anything wrong with a ServerError.
+
+from typing import ClassVar  # noqa: E402  (this section is appended; the names above stay untouched)
+
+AUDIO_FORMATS = ("pcm16", "float32")  # response.audio.delta payload: PCM16 (default, OpenAI's) or exact float32
+MODES = ("streaming", "offline")  # offline: the whole reply arrives at once, just before response.done
+
+
+@dataclass(slots=True)
+class SessionOpen:
+    """session.open: start a conversation. session_id is the client's name for it (unique per connection).
+
+    token: the daemon's access token ("" when it has none). Sampling as stages/sampling.SamplingParams
+    (temperature 0 = greedy); tts_* for the TTS LM; max_new_tokens None = the daemon's limit. stream_params
+    "" = the model's Read-R-Write-W, otherwise it must equal it ("(3,10)")."""
+
+    TYPE: ClassVar[str] = "session.open"
+    session_id: str
+    token: str
+    voice: str
+    seed: int
+    temperature: float
+    top_k: int
+    top_p: float
+    tts_temperature: float
+    tts_top_k: int
+    tts_top_p: float
+    max_new_tokens: int | None
+    mode: str  # one of MODES
+    audio_format: str  # one of AUDIO_FORMATS
+    stream_params: str
+
+
+@dataclass(slots=True)
+class AudioAppend:
+    """audio.append: a chunk of the user's turn, mono int16 PCM or float32 in [-1, 1], at any sample rate."""
+
+    TYPE: ClassVar[str] = "audio.append"
+    session_id: str
+    audio: np.ndarray  # (n,) int16 or float32
+    sample_rate: int
+
+
+@dataclass(slots=True)
+class AudioCommit:
+    """audio.commit: the user's turn is complete; the reply starts (answered by audio.committed)."""
+
+    TYPE: ClassVar[str] = "audio.commit"
+    session_id: str
+
+
+@dataclass(slots=True)
+class ResponseCancel:
+    """response.cancel: barge-in; the reply in flight ends with response.done(finish_reason="cancelled")."""
+
+    TYPE: ClassVar[str] = "response.cancel"
+    session_id: str
+
+
+@dataclass(slots=True)
+class SessionClose:
+    """session.close: cancel what is in flight and free the session (answered by session.closed)."""
+
+    TYPE: ClassVar[str] = "session.close"
+    session_id: str
+
+
+@dataclass(slots=True)
+class Ping:
+    """ping: answered by pong with the same nonce; needs no session (a liveness check)."""
+
+    TYPE: ClassVar[str] = "ping"
+    nonce: int
+
+
+@dataclass(slots=True)
+class StatusRequest:
+    """status: answered by status.reply (sessions, per-stage queues, step times, batch sizes)."""
+
+    TYPE: ClassVar[str] = "status"
+    nonce: int
+    token: str
+
+
+@dataclass(slots=True)
+class SessionOpened:
+    """session.opened: the session exists; what the daemon will send for it."""
+
+    TYPE: ClassVar[str] = "session.opened"
+    session_id: str
+    sample_rate: int  # of response.audio.delta (24000)
+    voice: str
+    mode: str
+    audio_format: str
+    stream_params: str  # the model's Read-R-Write-W, "(R,W)"
+    max_turn_seconds: float  # audio per user turn; more is refused (Whisper hears 30 s)
+
+
+@dataclass(slots=True)
+class AudioCommitted:
+    """audio.committed: the turn's audio was accepted; every response.* event of the reply carries `turn`."""
+
+    TYPE: ClassVar[str] = "audio.committed"
+    session_id: str
+    turn: int
+    seconds: float  # of user audio in the turn
+
+
+@dataclass(slots=True)
+class ResponseTextDelta:
+    """response.text.delta: newly completed reply text, and the thinker token that completed it."""
+
+    TYPE: ClassVar[str] = "response.text.delta"
+    session_id: str
+    turn: int
+    text: str
+    token_id: int
+    t: float  # daemon clock (perf_counter) when the engine emitted it
+
+
+@dataclass(slots=True)
+class ResponseUnitsDelta:
+    """response.units.delta: speech units of one Read-R-Write-W chunk (what the vocoder voices)."""
+
+    TYPE: ClassVar[str] = "response.units.delta"
+    session_id: str
+    turn: int
+    units: list[int]
+    final: bool
+    t: float
+
+
+@dataclass(slots=True)
+class ResponseAudioDelta:
+    """response.audio.delta: mono PCM at sample_rate (24 kHz): int16 for "pcm16" (float clipped to [-1, 1],
+    times 32767, rounded half to even), the engine's float32 samples unchanged for "float32"."""
+
+    TYPE: ClassVar[str] = "response.audio.delta"
+    session_id: str
+    turn: int
+    audio: np.ndarray  # (n,) int16 or float32
+    sample_rate: int
+    final: bool
+    t: float
+
+
+@dataclass(slots=True)
+class ResponseTiming:
+    """response.timing: the turn's latency terms in seconds after audio.commit (t_asr, t_llm, t_tts,
+    first_audio, total), sent just before response.done."""
+
+    TYPE: ClassVar[str] = "response.timing"
+    session_id: str
+    turn: int
+    timings: dict[str, float]
+
+
+@dataclass(slots=True)
+class ResponseDone:
+    """response.done: the last event of a reply. finish_reason: stop, length, context, or cancelled."""
+
+    TYPE: ClassVar[str] = "response.done"
+    session_id: str
+    turn: int
+    text: str
+    token_ids: list[int]
+    units: list[int]
+    finish_reason: str
+    timings: dict[str, float]
+
+
+@dataclass(slots=True)
+class ServerError:
+    """error: `code` is machine-readable, `message` is for people. session_id "" = not about one session;
+    in_reply_to = TYPE of the request that failed ("" when the frames were not a message at all). An error
+    with a turn in flight (turn >= 0) ends that reply."""
+
+    TYPE: ClassVar[str] = "error"
+    session_id: str
+    code: str
+    message: str
+    in_reply_to: str
+    turn: int  # -1 = no reply ended
+
+
+@dataclass(slots=True)
+class SessionClosed:
+    """session.closed: the session is gone (asked for, reclaimed after the client vanished, or shutdown)."""
+
+    TYPE: ClassVar[str] = "session.closed"
+    session_id: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Pong:
+    """pong: the answer to ping; nonce -1 is the daemon's own probe of an idle client (ignore it)."""
+
+    TYPE: ClassVar[str] = "pong"
+    nonce: int
+    t: float
+
+
+@dataclass(slots=True)
+class StatusReply:
+    """status.reply: the engine's status (engine.runtime.Engine.status) plus the daemon's, as JSON text
+    (a nested, open-ended dict: the codec's typed fields do not fit it)."""
+
+    TYPE: ClassVar[str] = "status.reply"
+    nonce: int
+    status_json: str
+
+
+CLIENT_KINDS: dict[type, int] = {
+    SessionOpen: 0x60, AudioAppend: 0x61, AudioCommit: 0x62, ResponseCancel: 0x63, SessionClose: 0x64,
+    Ping: 0x65, StatusRequest: 0x66,
+    SessionOpened: 0x70, AudioCommitted: 0x71, ResponseTextDelta: 0x72, ResponseUnitsDelta: 0x73,
+    ResponseAudioDelta: 0x74, ResponseTiming: 0x75, ResponseDone: 0x76, ServerError: 0x77, SessionClosed: 0x78,
+    Pong: 0x79, StatusReply: 0x7A,
+}
+assert all(0x60 <= k <= 0x7F for k in CLIENT_KINDS.values())
+assert not set(CLIENT_KINDS.values()) & set(KINDS.values()), "a client kind byte is already taken"
+KINDS.update(CLIENT_KINDS)
+_SPECS.update({cls: serial.field_specs(cls) for cls in CLIENT_KINDS})
+_BY_KIND.update({k: c for c, k in CLIENT_KINDS.items()})
+assert len(_BY_KIND) == len(KINDS), "two messages share a kind byte"
+
+CLIENT_REQUESTS = (SessionOpen, AudioAppend, AudioCommit, ResponseCancel, SessionClose, Ping, StatusRequest)
+ServerEvent = (SessionOpened | AudioCommitted | ResponseTextDelta | ResponseUnitsDelta | ResponseAudioDelta
+               | ResponseTiming | ResponseDone | ServerError | SessionClosed | Pong | StatusReply)

@@ -127,7 +127,7 @@ class LLMStage:
     def step(self, turns: list[LLMTurn] = ()) -> list[LLMToken]:
         """Admit new turns, then run one prefill forward (new turns) and one decode forward (the rest)."""
         for t in turns:
-            self._admit(t)
+            self.admit(t)
         out: list[LLMToken] = []
         prefill = [(sid, s) for sid, s in self.sessions.items() if s.pending is not None]
         decode = [(sid, s) for sid, s in self.sessions.items() if s.pending is None and s.detok is not None]
@@ -143,7 +143,8 @@ class LLMStage:
             raise LLMError(f"unknown session {session_id!r}")
         return s
 
-    def _admit(self, turn: LLMTurn) -> None:
+    def admit(self, turn: LLMTurn) -> None:
+        """Queue a turn for the next step's prefill; LLMError (nothing changed) if it cannot be taken."""
         s = self._get(turn.session_id)
         if s.pending is not None or s.detok is not None:
             raise LLMError(f"session {turn.session_id!r} is still answering its previous turn")

@@ -146,6 +146,12 @@ class TTSStage:
     def busy(self) -> bool:
         return any(s.budget > 0 or s.text_ids for s in self.sessions.values())
 
+    def ready(self) -> bool:
+        """A step() without new input would do work: a chunk is being written or has all its text."""
+        R = self.stream.read
+        return any(s.budget > 0 or (s.text_ids and (s.final_seen or (len(s.text_ids) >= R and not self.opts.offline)))
+                   for s in self.sessions.values())
+
     # -- the batched step -----------------------------------------------------------------------------
     def step(self, inputs: list[TTSInput] = ()) -> list[TTSToken]:
         """Read new thinker tokens, start chunks whose text is complete, then one forward for every writer."""
