@@ -77,7 +77,7 @@ def test_one_session_equals_the_reference(engine, ref, greedy, seed):
 def test_eight_concurrent_sessions_each_equal_the_reference(engine, ref):
     cases = [(f"c{i}", speech(i), session_options(seed=i, greedy=i % 2 == 0)) for i in range(8)]
     expected = {sid: run_turn(ref, audio, 16000, opts) for sid, audio, opts in cases}
-    for sid, audio, opts in cases:
+    for sid, _, opts in cases:
         engine.open(sid, opts)
     try:
         for sid, audio, _ in cases:  # all eight in flight together, batched in every stage
@@ -228,3 +228,38 @@ def test_malformed_messages_get_errors_and_never_crash_a_worker(engine, ref):
         assert_same(list(engine.turn("after-fuzz", speech(0), timeout=60)), run_turn(ref, speech(0), 16000, opts))
     finally:
         engine.close("after-fuzz")
+
+
+def test_streamed_chunks_at_another_rate_equal_one_whole_turn(engine, ref):
+    opts = session_options(seed=1, greedy=True)
+    pcm16 = (speech(1) * 20000).astype(np.int16)
+    audio48 = np.repeat(pcm16, 3)  # PCM16 at 48 kHz, resampled by the engine exactly as by the reference
+    expected = run_turn(ref, audio48, 48000, opts)
+    engine.open("chunks", opts)
+    try:
+        for part in np.array_split(audio48, 5):
+            engine.append("chunks", part, 48000)
+        engine.commit("chunks")
+        assert_same(list(engine.events("chunks", timeout=60)), expected)
+    finally:
+        engine.close("chunks")
+
+
+def test_a_conversation_past_the_context_limit_is_refused_clearly(engine):
+    engine.open("chatty", session_options(seed=0, greedy=True))
+    try:
+        turns = 0
+        while turns < LIMITS.max_context // 300 + 2:  # each turn adds 300 speech rows and its answer
+            last = list(engine.turn("chatty", speech(0), timeout=60))[-1]
+            turns += 1
+            if isinstance(last, ErrorEvent):
+                break
+            assert isinstance(last, TurnDone) and last.finish_reason in ("length", "stop", "context")
+        assert isinstance(last, ErrorEvent) and last.code == "llm_refused", last
+        assert "context limit" in last.message and turns >= 10
+        # The refusal changed nothing: the session is still open and the engine serves others.
+        with pytest.raises(EngineError) as e:
+            engine.open("chatty", session_options())
+        assert e.value.code == "session_exists"
+    finally:
+        engine.close("chatty")
