@@ -64,7 +64,7 @@ class EngineConfig:
     step_timeout_s: float = 300.0  # one step running this long is hung
     start_timeout_s: float = 600.0
     open_timeout_s: float = 60.0
-    worker_threads: int | None = None  # torch threads per worker (None: torch's default)
+    worker_threads: int | None = None  # torch threads per worker (None: the cores shared out among the four)
 
 
 @dataclass
@@ -125,10 +125,12 @@ class Engine(EngineLoop):
             self._ctl.setsockopt(zmq.LINGER, 0)
             ctl_addr = f"ipc://{os.path.join(self.ipc_dir, self.prefix + 'control')}"
             self._ctl.bind(ctl_addr)
+            # Four workers each spinning torch's default thread pool (one per core) thrash a small machine.
+            threads = cfg.worker_threads or max(1, (os.cpu_count() or 4) // len(STAGES))
             workers = {s: WorkerSpec(s, str(cfg.model_dir), str(cfg.vocoder_dir), self.placement.devices[s],
                                      cfg.dtype, cfg.limits, cfg.tts_options, cfg.vocoder_options, ctl_addr, specs,
                                      self.prefix, self.ipc_dir, os.getpid(), cfg.heartbeat_s, cfg.asr_batch,
-                                     cfg.worker_threads) for s in STAGES}
+                                     threads) for s in STAGES}
             self._sup = Supervisor(workers, hang_s=cfg.hang_s, step_timeout_s=cfg.step_timeout_s)
             log.info("starting %d stage workers (%s, %s)", len(STAGES), cfg.placement, cfg.dtype)
             for s in STAGES:
