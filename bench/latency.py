@@ -46,6 +46,7 @@ def single_process(model_dir, vocoder_dir, baseline: bool, args, limits) -> dict
     dtype = getattr(torch, args.dtype)
     device = "cuda" if args.placement != "cpu" else "cpu"
     pipe = ReferencePipeline(model_dir, vocoder_dir, device=device, dtype=dtype, limits=limits, baseline=baseline)
+    run_turn(pipe, question(args.seconds, 99), 16000, session_options(seed=99))  # warm-up, not recorded
     runs = []
     for i in range(args.turns):
         r = run_turn(pipe, question(args.seconds, i), 16000, session_options(seed=i))
@@ -58,6 +59,9 @@ def engine_runs(model_dir, vocoder_dir, args, limits) -> dict:
     cfg = EngineConfig(str(model_dir), str(vocoder_dir), placement=args.placement, dtype=args.dtype, limits=limits)
     out = {}
     with Engine(cfg) as eng:
+        eng.open("warm-up", session_options(seed=99))  # first calls pay lazy initialisation: not recorded
+        list(eng.turn("warm-up", question(args.seconds, 99), timeout=args.timeout))
+        eng.close("warm-up")
         for n in args.sessions:
             runs = []
             for turn in range(args.turns):
