@@ -84,6 +84,11 @@ def main(spec: WorkerSpec) -> None:
                         format=f"%(asctime)s {spec.stage}[%(process)d] %(levelname)s %(message)s")
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    # tqdm (checkpoint loading bars) would otherwise make a multiprocessing lock: POSIX semaphores that the
+    # os._exit below never unregisters, so the shared resource tracker warns about "leaked semaphores".
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     Worker(spec).run()
     logging.shutdown()
     os._exit(0)  # everything is released; skip seconds of interpreter teardown (garbage-collecting torch)
