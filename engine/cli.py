@@ -112,7 +112,142 @@ def _run_generate(args: argparse.Namespace) -> int:
     return generate.main(args)
 
 
-_SUBCOMMANDS = (_add_make_checkpoint, _add_voice, _add_generate)
+# -- serve / chat / status: the daemon and its clients --------------------------------------------------------
+_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the engine as a daemon (ZMQ front door; `chat` and engine/client.py talk "
+                                     "to it)",
+                       description="Start the engine's workers and serve clients until SIGINT/SIGTERM. With no "
+                                   "--model-dir it serves the embedded DEMO model: tiny random weights written once "
+                                   "into $OMNI2_CACHE (default ~/.cache/omni2-engine); it babbles, but every stage "
+                                   "runs.")
+    p.add_argument("--model-dir", help="official LLaMA-Omni2 model directory (default: the demo model)")
+    p.add_argument("--vocoder-dir", help="cosy2_decoder directory (required with --model-dir)")
+    p.add_argument("--placement", default="cpu", help="cpu | cuda | asr=0,llm=1,tts=1,vocoder=1 (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--bind", default=_ADDRESS, help=f"ZMQ endpoint (default {_ADDRESS}; a non-loopback address "
+                                                    f"needs --token-file or --curve-clients; port 0 = any free port)")
+    p.add_argument("--max-sessions", type=int, default=8, help="sessions the engine holds at once (default 8)")
+    p.add_argument("--max-sessions-per-client", type=int, default=8, help="per connection (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="cap on reply text tokens (default 256)")
+    p.add_argument("--token-file", help="file holding the access token clients must present")
+    p.add_argument("--curve-secret-file", help="ZMQ CURVE: the daemon's key pair (NAME.key_secret from "
+                                               "`omni2-engine curve-keys`): traffic is encrypted")
+    p.add_argument("--curve-clients", help="ZMQ CURVE: a directory of the public keys (NAME.key) of the clients "
+                                           "allowed in; others fail the handshake")
+    p.add_argument("--reclaim-after", type=float, default=10.0,
+                   help="seconds a vanished client's sessions are kept for a reconnect (default 10)")
+    p.add_argument("--idle-timeout", type=float, default=900.0,
+                   help="close a session that has seen nothing for this many seconds (default 900)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default INFO)")
+    p.set_defaults(func=_run_serve)
+
+
+def _read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from pathlib import Path
+
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read --token-file {path}: {e}") from e
+    if not token or len(token) > 4096 or not token.isprintable():
+        raise ConfigError(f"--token-file {path} must hold one printable token of 1-4096 characters")
+    return token
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .daemon import main as serve_main
+
+    return serve_main(args, _read_token(args.token_file))
+
+
+def _add_client_auth(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", help="file holding the daemon's access token")
+    p.add_argument("--curve-server-key", help="ZMQ CURVE: the daemon's public key file (NAME.key)")
+    p.add_argument("--curve-secret-file", help="ZMQ CURVE: this client's key pair (NAME.key_secret), for a daemon "
+                                               "that admits only listed clients")
+
+
+def _add_curve_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("curve-keys", help="write a ZMQ CURVE key pair (for serve --curve-*, chat --curve-*)",
+                       description="Writes DIR/NAME.key (public: give it to the other side) and DIR/NAME.key_secret "
+                                   "(keep it private).")
+    p.add_argument("name", help="e.g. server, or a client's name")
+    p.add_argument("--out", default=".", help="directory (default .)")
+    p.set_defaults(func=_run_curve_keys)
+
+
+def _run_curve_keys(args: argparse.Namespace) -> int:
+    import os
+
+    import zmq.auth
+
+    os.makedirs(args.out, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.out, args.name)
+    os.chmod(secret, 0o600)
+    print(public)
+    print(secret)
+    return 0
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="talk to a running `omni2-engine serve`: a WAV file or the microphone",
+                       description="--wav: send one question, print the reply text as it streams, write the reply "
+                                   "audio (and --json like `generate`). --mic: converse through the microphone "
+                                   "and speakers (needs sounddevice + PortAudio); speak over a reply to cut it off.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--wav", help="the question (any sample rate; mono or stereo)")
+    src.add_argument("--mic", action="store_true", help="live conversation through the default audio devices")
+    p.add_argument("--out", help="reply WAV to write (24 kHz; required with --wav; with --mic: the last reply)")
+    p.add_argument("--json", help="also write text, token_ids, units and timings here (as `generate` does)")
+    p.add_argument("--connect", default=_ADDRESS, help=f"the daemon's address (default {_ADDRESS})")
+    _add_client_auth(p)
+    p.add_argument("--voice", default="default", help="speaker voice name")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (same as `generate --seed`)")
+    p.add_argument("--greedy", action="store_true", help="greedy TTS too (the thinker is greedy by default)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="cap on reply text tokens")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the next event (default 120)")
+    mic = p.add_argument_group("--mic options")
+    mic.add_argument("--vad-db", type=float, default=-40.0,
+                     help="speech when a 30 ms block's level exceeds this many dBFS (default -40)")
+    mic.add_argument("--silence-ms", type=int, default=700, help="silence that ends a turn (default 700)")
+    mic.add_argument("--barge-in-ms", type=int, default=240,
+                     help="speech during a reply that cancels it (default 240; 0 = no barge-in)")
+    mic.add_argument("--turns", type=int, default=0, help="stop after this many replies (default 0 = until Ctrl-C)")
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from . import chat
+
+    args.token = _read_token(args.token_file) or ""
+    if args.wav is not None and not args.out:
+        raise ConfigError("--wav needs --out (where to write the reply audio)")
+    return chat.run_mic(args) if args.mic else chat.run_wav(args)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="sessions, stage queues, step times and batch sizes of a running daemon")
+    p.add_argument("--connect", default=_ADDRESS, help=f"the daemon's address (default {_ADDRESS})")
+    _add_client_auth(p)
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from . import chat
+
+    args.token = _read_token(args.token_file) or ""
+    return chat.run_status(args)
+
+
+_SUBCOMMANDS = (_add_make_checkpoint, _add_voice, _add_generate, _add_serve, _add_chat, _add_status,
+                _add_curve_keys)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
     except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         # Bad input, not a bug: one line instead of a traceback.
         print(f"{parser.prog}: error: {e}", file=sys.stderr)

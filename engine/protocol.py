@@ -355,7 +355,7 @@ assert len(_BY_KIND) == len(KINDS), "two messages share a kind byte"
 # DEALER sockets: the same framing as above ([kind byte, msgpack array, *tensor frames]), kinds 0x60-0x7f
 # (0x6_ client -> server, 0x7_ server -> client). Each class's TYPE is its name in docs/PROTOCOL.md and in the
 # client API, after the OpenAI Realtime API where the meaning is the same. The codec checks shapes and types;
-# engine/server.py checks values (lengths, ranges, enums) and answers anything wrong with a ServerError.
+# engine/server_sessions.py checks values (lengths, ranges, enums) and answers anything wrong with a ServerError.
 
 from typing import ClassVar  # noqa: E402  (this section is appended; the names above stay untouched)
 

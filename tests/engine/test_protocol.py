@@ -52,6 +52,22 @@ def examples() -> list:
         P.AudioDelta("s1", np.ones(480, np.float32), 24000, True, 10.0),
         P.TurnDone("s1", "hi", [1, 2], [3, 4], "stop", {"t_asr": 0.1, "first_audio": 0.5}, 11.0),
         P.ErrorEvent("s1", "cancelled", "the user barged in", 12.0),
+        # client wire (the daemon's front door)
+        P.SessionOpen("s1", "tok", "default", 2**62, 0.0, 0, 1.0, 1.0, 50, 0.9, None, "streaming", "pcm16", ""),
+        P.SessionOpen("ü", "", "v", 0, 0.7, 5, 0.5, 0.0, 0, 1.0, 12, "offline", "float32", "(3,10)"),
+        P.AudioAppend("s1", np.arange(-5, 5, dtype=np.int16), 16000),
+        P.AudioAppend("s1", np.linspace(-1, 1, 480, dtype=np.float32), 44100),
+        P.AudioCommit("s1"), P.ResponseCancel("s1"), P.SessionClose("s1"), P.Ping(-1), P.StatusRequest(7, ""),
+        P.SessionOpened("s1", 24000, "default", "streaming", "pcm16", "(3,10)", 30.0),
+        P.AudioCommitted("s1", 0, 1.5),
+        P.ResponseTextDelta("s1", 3, "¿qué? 🙂", 42, 9.0),
+        P.ResponseUnitsDelta("s1", 3, [0, 6560], True, 9.5),
+        P.ResponseAudioDelta("s1", 3, np.array([-32767, 0, 32767], np.int16), 24000, False, 10.0),
+        P.ResponseAudioDelta("s1", 3, np.zeros(0, np.float32), 24000, True, 10.0),
+        P.ResponseTiming("s1", 3, {"t_asr": 0.1, "total": 2.0}),
+        P.ResponseDone("s1", 3, "hi", [1, 2], [3], "cancelled", {}),
+        P.ServerError("", "bad_message", "frame 0 must be the 1-byte kind", "", -1),
+        P.SessionClosed("s1", "reclaimed"), P.Pong(5, 1.0e9), P.StatusReply(7, '{"sessions": 0}'),
     ]
 
 
