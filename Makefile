@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint serve bench clean
+.PHONY: install portaudio test lint serve bench clean
 
 install:
 	@# Keep a torch that is already importable (GPU machines ship their own build); otherwise pin the
@@ -16,13 +16,29 @@ install:
 	  else $(PYTHON) -m venv $(VENV); fi; \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[test,bench]"
+	$(PY) -m pip install -e ".[test,bench,audio]"
+	@$(MAKE) --no-print-directory portaudio
 	@$(PY) -c "import torch, omni2.engine; print('install: ok, torch', torch.__version__)"
+
+# `chat --mic` needs the PortAudio C library (sounddevice's Linux wheels do not bundle it; macOS/Windows ones do).
+# Installed here when apt-get can run without a password; otherwise the exact command is printed. Never fails:
+# everything but --mic works without it.
+portaudio:
+	@if $(PY) -c "import sounddevice" 2>/dev/null; then echo "portaudio: ok (chat --mic can use audio devices)"; \
+	else \
+	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+	    timeout 120 $$SUDO apt-get install -y --no-install-recommends libportaudio2 >/dev/null 2>&1 || true; \
+	  fi; \
+	  $(PY) -c "import sounddevice" 2>/dev/null && echo "portaudio: installed libportaudio2" || \
+	  echo "portaudio: missing; only 'omni2-engine chat --mic' needs it: sudo apt-get install libportaudio2" \
+	       "(Debian/Ubuntu), brew install portaudio (macOS), or your distribution's portaudio package"; \
+	fi
 
 test:
 	@# One torch thread per test worker: the tiny models are latency-bound and 2 workers x N threads on 2
-	@# cores thrash. loadgroup keeps each module that starts an engine (xdist_group) on one test process.
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup tests
+	@# cores thrash. loadfile keeps each module (and its module-scoped engine or daemon) on one test process.
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint:
 	$(PY) -m ruff check engine stages kernels bench tests

@@ -1,8 +1,8 @@
 """The multi-process engine against the single-process reference: same text, units and PCM, for one session,
 eight at once and two turns; cancellation; a stalled consumer; malformed input reaching a worker.
 
-One engine serves the whole module (starting four workers costs seconds); the xdist group keeps the module on
-one test process.
+One engine serves the whole module (starting four workers costs seconds); `make test` (--dist loadfile) keeps
+the module on one test process.
 """
 import time
 
@@ -15,7 +15,6 @@ from omni2.engine.protocol import AudioDelta, ErrorEvent, TextDelta, TurnDone, U
 from omni2.engine.reference import ReferencePipeline
 from omni2.engine.runtime import Engine, EngineConfig, EngineError
 
-pytestmark = pytest.mark.xdist_group("engine")
 LIMITS = Limits(max_sessions=8, max_new_tokens=6)
 
 

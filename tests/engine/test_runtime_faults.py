@@ -14,7 +14,6 @@ from omni2.engine.protocol import AudioDelta, ErrorEvent, TurnDone, UnitChunk
 from omni2.engine.reference import ReferencePipeline
 from omni2.engine.runtime import Engine, EngineConfig
 
-pytestmark = pytest.mark.xdist_group("engine-faults")
 LIMITS = Limits(max_sessions=4, max_new_tokens=6)
 AUDIO = (np.random.default_rng(2).standard_normal(16000) * 0.1).astype(np.float32)
 
