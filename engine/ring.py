@@ -262,9 +262,16 @@ class Producer(_Endpoint):
                 self._out.discard(slot)
                 self._free.append(slot)
 
-    def stats(self) -> RingStats:
-        """Occupancy as last seen by the sending thread (credits not yet read count as in use). Takes no lock,
-        so a status or heartbeat thread can call it while the producer waits."""
+    def stats(self, refresh: bool = False) -> RingStats:
+        """Occupancy as last seen by the sending thread (credits not yet read count as in use). Never waits for a
+        lock, so a status or heartbeat thread can call it while the producer waits; refresh=True first reads the
+        credits that arrived, unless the sending thread is inside a call right now."""
+        if refresh and self._lock.acquire(blocking=False):
+            try:
+                if not self._closed:
+                    self._drain()
+            finally:
+                self._lock.release()
         return RingStats(self.edge, self.n_slots, self.slot_bytes, len(self._out), self._high,
                          self._messages, self._waits, self._wait_s)
 

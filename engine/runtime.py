@@ -288,7 +288,7 @@ class Engine(EngineLoop):
         for edge, (producer, _) in EDGES.items():
             spec = self._specs[edge] if hasattr(self, "_specs") else None
             if producer == "server":
-                used = self._asr_in.stats().in_use if hasattr(self, "_asr_in") else 0
+                used = self._asr_in.stats(refresh=True).in_use if hasattr(self, "_asr_in") else 0
             else:
                 used = stages.get(producer, {}).get("rings", {}).get(edge, 0)
             rings[edge] = {"in_use": used, "n_slots": spec.n_slots if spec else 0,

@@ -12,6 +12,7 @@ slots and its producer waits: memory stays bounded end to end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import logging
@@ -132,7 +133,7 @@ class Worker:
                        threading.Thread(target=self._sender, name="sender", daemon=True)]
             for t in threads:
                 t.start()
-            with torch.cuda.stream(self.stream) if cuda else _nothing():
+            with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
                 self._compute()
         finally:
             self.stop.set()
@@ -307,7 +308,7 @@ class Worker:
         return Heartbeat(self.stage, os.getpid(), seq, len(self.runner.options), started is not None,
                          time.perf_counter(), 0.0 if started is None else time.perf_counter() - started,
                          self.last_step_ms, self.last_batch, self.inbox.qsize(), self.steps,
-                         {e: p.stats().in_use for e, p in self.producers.items()})
+                         {e: p.stats(refresh=True).in_use for e, p in self.producers.items()})
 
     def _orphaned(self) -> None:
         # The engine is gone and nobody will sweep for us: give back what we own, then go at once.
@@ -395,10 +396,3 @@ def _read_all(fd: int) -> None:
     except BlockingIOError:
         pass
 
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
