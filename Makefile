@@ -23,14 +23,16 @@ install:
 # `chat --mic` needs the PortAudio C library (sounddevice's Linux wheels do not bundle it; macOS/Windows ones do).
 # Installed here when apt-get can run without a password; otherwise the exact command is printed. Never fails:
 # everything but --mic works without it.
+# Looked up, not imported: importing sounddevice initialises PortAudio, whose JACK probe leaves /dev/shm/jack_db-0.
+export PORTAUDIO_CHECK := import ctypes.util, importlib.util; assert importlib.util.find_spec("sounddevice") and ctypes.util.find_library("portaudio")
 portaudio:
-	@if $(PY) -c "import sounddevice" 2>/dev/null; then echo "portaudio: ok (chat --mic can use audio devices)"; \
+	@if $(PY) -c "$$PORTAUDIO_CHECK" 2>/dev/null; then echo "portaudio: ok (chat --mic can use audio devices)"; \
 	else \
 	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
 	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
 	    timeout 120 $$SUDO apt-get install -y --no-install-recommends libportaudio2 >/dev/null 2>&1 || true; \
 	  fi; \
-	  $(PY) -c "import sounddevice" 2>/dev/null && echo "portaudio: installed libportaudio2" || \
+	  $(PY) -c "$$PORTAUDIO_CHECK" 2>/dev/null && echo "portaudio: installed libportaudio2" || \
 	  echo "portaudio: missing; only 'omni2-engine chat --mic' needs it: sudo apt-get install libportaudio2" \
 	       "(Debian/Ubuntu), brew install portaudio (macOS), or your distribution's portaudio package"; \
 	fi
