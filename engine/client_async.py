@@ -93,12 +93,15 @@ class AsyncClient:
 
     async def _request(self, msg, timeout: float | None):
         timeout = self.connect_timeout if timeout is None else timeout
-        await self.send(msg)
+        reply = self._replies.expect(msg.nonce)  # before sending: the reader may get the answer during the send
         try:
-            return await asyncio.wait_for(self._replies.get(msg.nonce), timeout)
+            await self.send(msg)
+            return await asyncio.wait_for(reply, timeout)
         except asyncio.TimeoutError:
             raise DaemonUnavailable(f"no answer from {self.address} within {timeout:g} s: is `omni2-engine serve` "
                                     f"running there?") from None
+        finally:
+            self._replies.forget(msg.nonce)
 
     async def open(self, session_id: str | None = None, **options) -> AsyncSession:
         sid = session_id or uuid.uuid4().hex[:16]
@@ -209,9 +212,10 @@ class _AReplies(dict):
         if fut is not None and not fut.done():
             fut.set_result(ev)
 
-    async def get(self, nonce: int):
+    def expect(self, nonce: int) -> asyncio.Future:
+        """The future reply to `nonce`: made before the request is sent, dropped with forget()."""
         fut = self._waiters[nonce] = asyncio.get_running_loop().create_future()
-        try:
-            return await fut
-        finally:
-            self._waiters.pop(nonce, None)
+        return fut
+
+    def forget(self, nonce: int) -> None:
+        self._waiters.pop(nonce, None)
