@@ -146,9 +146,10 @@ class Server:
         self.close()
 
     def close(self) -> None:
-        """Close the socket (final events get a second to leave), the authenticator and the wake-up pipe."""
+        """Close the socket (final events get up to 5 s to leave: on a loaded machine the I/O thread may wait for
+        the CPU that long), the authenticator and the wake-up pipe."""
         if getattr(self, "sock", None) is not None and not self.sock.closed:
-            self.sock.close(linger=1000)
+            self.sock.close(linger=5000)
         if getattr(self, "_auth", None) is not None:
             self._auth.stop()
             self._auth = None
