@@ -161,12 +161,11 @@ class AsrRunner(Runner):
         return [q[0] for q in self.queue[: self.max_batch]]
 
     def step(self):
-        batch, seen = [], set()
+        batch, rest = [], []
         for q in self.queue:  # one turn per session per step, oldest first
-            if q[0] not in seen and len(batch) < self.max_batch:
-                batch.append(q)
-                seen.add(q[0])
-        self.queue = [q for q in self.queue if q not in batch]
+            taken = q[0] in (b[0] for b in batch) or len(batch) == self.max_batch
+            (rest if taken else batch).append(q)
+        self.queue = rest
         out = self.asr.step([(sid, audio) for sid, _, audio in batch])
         return [("asr_llm", AsrToLlm([sid for sid, _, _ in batch], [t for _, t, _ in batch],
                                      [_host(emb) for _, emb in out],
