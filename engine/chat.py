@@ -14,7 +14,6 @@ import math
 import queue
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -55,13 +54,8 @@ def run_wav(args) -> int:
         return 1
     print()
     reply = Reply(r.text, r.token_ids, r.units, r.audio, r.sample_rate, r.finish_reason, r.timings)
-    write_wav(args.out, reply.pcm if reply.pcm.size else np.zeros(1, np.float32), reply.sample_rate)
     first = f"{r.first_audio_s * 1e3:.0f} ms" if r.first_audio_s is not None else "never (no audio)"
-    print(f"wrote {args.out}: {r.audio.size / r.sample_rate:.2f} s of audio, {len(r.units)} units, "
-          f"{len(r.token_ids)} text tokens ({r.finish_reason}); first audio after {first} "
-          f"(engine: {r.timings.get('first_audio', float('nan')) * 1e3:.0f} ms)", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps(reply.to_json(), indent=1))
+    reply.save(args.out, args.json, f"{first} (engine: {r.timings.get('first_audio', float('nan')) * 1e3:.0f} ms)")
     return 0
 
 

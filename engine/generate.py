@@ -34,6 +34,17 @@ class Reply:
                 "finish_reason": self.finish_reason, "sample_rate": self.sample_rate,
                 "samples": int(self.pcm.size), "timings": self.timings}
 
+    def save(self, out, json_path=None, first_audio: str = "") -> None:
+        """Write the reply WAV (and reply.json), and say what was written; shared by `generate` and `chat`."""
+        write_wav(out, self.pcm if self.pcm.size else np.zeros(1, np.float32), self.sample_rate)
+        if not first_audio:
+            first_audio = f"{self.timings.get('first_audio', float('nan')) * 1e3:.0f} ms"
+        print(f"wrote {out}: {self.pcm.size / self.sample_rate:.2f} s of audio, {len(self.units)} units, "
+              f"{len(self.token_ids)} text tokens ({self.finish_reason}); first audio after {first_audio}",
+              file=sys.stderr)
+        if json_path:
+            Path(json_path).write_text(json.dumps(self.to_json(), indent=1))
+
 
 def session_options(seed: int = 0, greedy: bool = False, voice: str = "default",
                     max_new_tokens: int | None = None) -> SessionOptions:
@@ -73,11 +84,5 @@ def main(args) -> int:
     opts = session_options(args.seed, args.greedy, args.voice, args.max_new_tokens)
     reply = run_turn(pipe, samples, sr, opts, on_text=lambda t: print(t, end="", flush=True))
     print()
-    write_wav(args.out, reply.pcm, reply.sample_rate)
-    t = reply.timings
-    print(f"wrote {args.out}: {reply.pcm.size / reply.sample_rate:.2f} s of audio, {len(reply.units)} units, "
-          f"{len(reply.token_ids)} text tokens ({reply.finish_reason}); first audio after "
-          f"{t.get('first_audio', float('nan')) * 1e3:.0f} ms", file=sys.stderr)
-    if args.json:
-        Path(args.json).write_text(json.dumps(reply.to_json(), indent=1))
+    reply.save(args.out, args.json)
     return 0
