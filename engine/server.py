@@ -142,6 +142,10 @@ class Server:
             if s.turn >= 0:  # the engine ended it without an event: still give the client a final one
                 self._send(s.client, P.ServerError(s.name, "shutdown", "the daemon is shutting down", "", s.turn))
             self._send(s.client, P.SessionClosed(s.name, "shutdown"))
+        if self.sessions:
+            # Seen on a loaded machine: final events sent just before the close never reached the client. Give the
+            # peers' I/O a moment to take them before the connection goes.
+            time.sleep(0.3)
         self.sessions.clear()
         self.close()
 
