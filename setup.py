@@ -1,12 +1,15 @@
 from setuptools import setup
 
-# `omni2` is an implicit namespace package: each sub-package lives in its own top-level folder.
+# `omni2` is an implicit namespace package: each sub-package lives in its own top-level folder. engine/ holds one
+# sub-package per part (docs/ARCHITECTURE.md, "Packages").
+ENGINE_PACKAGES = ("checkpoints", "cli", "client", "runtime", "serve", "wire")
+
 setup(
     name="omni2-engine",
     version="0.1.0",
     description="Multi-process streaming inference engine for LLaMA-Omni2 speech-to-speech models",
     python_requires=">=3.10",
-    packages=["omni2.engine", "omni2.stages", "omni2.kernels"],
+    packages=["omni2.engine", *(f"omni2.engine.{p}" for p in ENGINE_PACKAGES), "omni2.stages", "omni2.kernels"],
     package_dir={"omni2.engine": "engine", "omni2.stages": "stages", "omni2.kernels": "kernels"},
     install_requires=[
         # torch is installed (or kept) by `make install` before this package: an unpinned requirement
@@ -21,7 +24,7 @@ setup(
         "soxr>=0.3",
         "soundfile>=0.12",
         "tqdm>=4.60",
-        "pyyaml>=5.4",  # cosyvoice.yaml, read as data (engine/hyperyaml.py)
+        "pyyaml>=5.4",  # cosyvoice.yaml, read as data (engine/checkpoints/hyperyaml.py)
     ],
     extras_require={
         # onnx builds the tiny random campplus.onnx; with onnxruntime + kaldi-native-fbank, tests enrol voices;
@@ -33,5 +36,5 @@ setup(
         "bench": ["matplotlib>=3.7"],
         "audio": ["sounddevice>=0.4"],
     },
-    entry_points={"console_scripts": ["omni2-engine = omni2.engine.cli:main"]},
+    entry_points={"console_scripts": ["omni2-engine = omni2.engine.cli.main:main"]},
 )

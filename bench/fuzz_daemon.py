@@ -10,7 +10,7 @@ fields; huge declared sizes (msgpack headers claiming 4 GiB, tensor shapes of 2*
 session ids that do not exist; values out of range; and, on sessions of its own (with the token), requests out of
 order (commit with no audio, cancel with no reply, a second open, bad audio). The daemon handles one connection's
 requests in order, so reply i answers frame i: every frame must get exactly one reply, an `error` (a `pong` for
-the valid pings mixed in). tests/engine/test_server_fuzz.py runs 2,000 of these against a test daemon.
+the valid pings mixed in). tests/engine/serve/test_fuzz.py runs 2,000 of these against a test daemon.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from omni2.engine import protocol as P
+from omni2.engine.wire import protocol as P
 
 WRONG = [None, 0, -1, 2**64 - 1, -(2**63), 1.5, float("nan"), "", "x" * 300, b"\x00\xff", [], [1, "a"], {}, {"a": 1},
          True, False]

@@ -19,15 +19,14 @@ import dataclasses
 import torch
 from harness import timed
 
-from omni2.engine.config import Limits
-from omni2.engine.layout import PRESETS
-from omni2.engine.vocab import N_QWEN_SPECIAL, N_UNITS
-from omni2.kernels import _dispatch
+from omni2.engine.checkpoints.model_writer import PRESETS
+from omni2.engine.checkpoints.vocab import N_QWEN_SPECIAL, N_UNITS
+from omni2.engine.config import OFFICIAL_SAMPLING, Limits, SamplingParams, TTSOptions
+from omni2.kernels import dispatch
 from omni2.kernels.fsq_decode import candidate_ids, fsq_decode_ref, fsq_decode_triton, head_logits_triton
 from omni2.kernels.gate_fusion import gate_fusion_ref, gate_fusion_triton
 from omni2.stages.layers import Qwen2LM
-from omni2.stages.sampling import SamplingParams
-from omni2.stages.tts import OFFICIAL_SAMPLING, SpeechGenerator, TTSInput, TTSOptions, TTSStage
+from omni2.stages.tts import SpeechGenerator, TTSInput, TTSStage
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Peak HBM bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (first match wins).
@@ -45,14 +44,14 @@ def timed_ms(fn, device: torch.device, warmup: int, iters: int, cold_l2: bool = 
     """Median ms of fn(). Kernels on CUDA: triton's do_bench (CUDA events, L2 flushed before each run, so the
     weights come from HBM as in a real decode step, where the LM's layers evict them); otherwise wall-clock
     around a synchronised call."""
-    if device.type == "cuda" and cold_l2 and _dispatch.HAS_TRITON:
+    if device.type == "cuda" and cold_l2 and dispatch.HAS_TRITON:
         from triton.testing import do_bench
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
     return timed(fn, device, warmup, iters)
 
 
 def kernels_runnable(device: torch.device) -> bool:
-    return _dispatch.HAS_TRITON and (device.type == "cuda" or _dispatch.INTERPRET)
+    return dispatch.HAS_TRITON and (device.type == "cuda" or dispatch.INTERPRET)
 
 
 def fmt_bw(nbytes: int, ms: float | None, peak: float | None) -> str:
@@ -118,8 +117,8 @@ def decode_step_ms(lm, gen, device, dtype, B, units_only, kernels, warmup, iters
         stage.open(f"s{i}", SamplingParams(OFFICIAL_SAMPLING.temperature, OFFICIAL_SAMPLING.top_k,
                                            OFFICIAL_SAMPLING.top_p, seed=i))
         inputs.append(TTSInput(f"s{i}", [11, 12, 13], torch.randn(3, H_thinker, generator=g).to(device, dtype)))
-    prev = _dispatch.FORCE_TRITON, _dispatch.FORCE_REFERENCE
-    _dispatch.FORCE_TRITON, _dispatch.FORCE_REFERENCE = kernels and device.type != "cuda", not kernels
+    prev = dispatch.FORCE_TRITON, dispatch.FORCE_REFERENCE
+    dispatch.FORCE_TRITON, dispatch.FORCE_REFERENCE = kernels and device.type != "cuda", not kernels
     try:
         with torch.inference_mode():
             stage.step(inputs)  # the chunk's prefill
@@ -131,7 +130,7 @@ def decode_step_ms(lm, gen, device, dtype, B, units_only, kernels, warmup, iters
             step()
             return timed_ms(step, device, warmup, iters, cold_l2=False)
     finally:
-        _dispatch.FORCE_TRITON, _dispatch.FORCE_REFERENCE = prev
+        dispatch.FORCE_TRITON, dispatch.FORCE_REFERENCE = prev
 
 
 def bench_decode(device, dtype, batches, layers, warmup, iters) -> None:
@@ -171,7 +170,7 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     peak = hbm_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    where = "interpreter" if _dispatch.INTERPRET else ("compiled" if device.type == "cuda" else "n/a")
+    where = "interpreter" if dispatch.INTERPRET else ("compiled" if device.type == "cuda" else "n/a")
     print(f"device {name}  dtype {str(dtype).split('.')[-1]}  HBM peak "
           f"{'n/a' if peak is None else f'{peak / 1e12:.2f} TB/s'}  triton {where}  torch threads "
           f"{torch.get_num_threads()}")

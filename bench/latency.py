@@ -8,7 +8,7 @@ Three systems answer the same spoken question with the same seed:
   baseline   engine/reference.py with baseline=True: one process, stages in turn, the official cost model
              (TTS re-prefill every chunk, flow recomputed from unit 0 every vocoder call)
   reference  engine/reference.py: one process, stages in turn, our incremental TTS and flow
-  engine     engine/runtime.py: four worker processes, pipelined, N concurrent sessions
+  engine     engine/runtime/: four worker processes, pipelined, N concurrent sessions
 For each: the latency terms of DESIGN.md (t_asr, t_llm, t_tts, first_audio, total; seconds after the turn was
 submitted) and, for the engine, the real-time factor per session (audio seconds out / wall seconds). Writes
 JSON (and a PNG with --png). The replies are checked to be the same across the three systems.
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from omni2.engine.checkpoint import write_checkpoint
-from omni2.engine.config import Limits
-from omni2.engine.generate import run_turn, session_options
-from omni2.engine.protocol import AudioDelta, ErrorEvent, TurnDone
+from omni2.engine.checkpoints.model_writer import write_checkpoint
+from omni2.engine.checkpoints.vocoder_writer import write_vocoder_checkpoint
+from omni2.engine.cli.generate import run_turn, session_options
+from omni2.engine.config import EngineConfig, Limits
 from omni2.engine.reference import ReferencePipeline
-from omni2.engine.runtime import Engine, EngineConfig
-from omni2.engine.vocoder_ckpt import write_vocoder_checkpoint
+from omni2.engine.runtime import Engine
+from omni2.engine.wire.protocol import AudioDelta, ErrorEvent, TurnDone
 
 KEYS = ("t_asr", "t_llm", "t_tts", "first_audio", "total")
 

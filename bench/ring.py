@@ -3,7 +3,7 @@
     .venv/bin/python bench/ring.py                       # 16 KiB and 2 MiB, a table
     .venv/bin/python bench/ring.py --seconds 3 --read --json ring.json
 
-Each message is a VocoderToServer with one float32 PCM payload, encoded by engine/protocol.py on both paths.
+Each message is a VocoderToEngine with one float32 PCM payload, encoded by engine/wire/protocol.py on both paths.
 Latency: one message in flight at a time (the consumer acks each), measured from just before the producer
 encodes/writes to the consumer holding a decoded array (perf_counter is CLOCK_MONOTONIC, shared by processes).
 Throughput: the producer sends flat out for --seconds; the consumer counts. Both paths are bounded to 8
@@ -24,16 +24,16 @@ import time
 import numpy as np
 import zmq
 
-from omni2.engine import protocol as P
-from omni2.engine import ring
+from omni2.engine.wire import protocol as P
+from omni2.engine.wire import ring, shm
 
 HWM = 8
 WARMUP = 20  # the first message also waits for the consumer process to start
 TIMEOUT = 30.0
 
 
-def _message(payload: np.ndarray) -> P.VocoderToServer:
-    return P.VocoderToServer(["s"], [0], [payload], [False], 24000, time.perf_counter())
+def _message(payload: np.ndarray) -> P.VocoderToEngine:
+    return P.VocoderToEngine(["s"], [0], [payload], [False], 24000, time.perf_counter())
 
 
 def _consumer(mode: str, where: dict | str, ack_addr: str, read: bool) -> None:
@@ -91,7 +91,7 @@ def _consumer(mode: str, where: dict | str, ack_addr: str, read: bool) -> None:
 
 
 def run_pair(mode: str, size: int, seconds: float, read: bool, ipc_dir: str) -> dict:
-    prefix = ring.new_prefix("o2bench")
+    prefix = shm.new_prefix("o2bench")
     ctx = zmq.Context.instance()
     ack = ctx.socket(zmq.PULL)
     ack.setsockopt(zmq.LINGER, 0)
@@ -147,7 +147,7 @@ def run_pair(mode: str, size: int, seconds: float, read: bool, ipc_dir: str) -> 
         if push is not None:
             push.close()
         ack.close()
-        ring.sweep(prefix, ipc_dir)
+        shm.sweep(prefix, ipc_dir)
     lat_us = np.array(res["lat"][WARMUP:]) * 1e6
     return {"payload_bytes": size, "path": mode, "p50_us": float(np.percentile(lat_us, 50)),
             "p99_us": float(np.percentile(lat_us, 99)), "latency_samples": len(lat_us),

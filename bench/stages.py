@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from harness import timed
 
-from omni2.engine.checkpoint import ModelDir, write_checkpoint
+from omni2.engine.checkpoints.model_dir import ModelDir
+from omni2.engine.checkpoints.model_writer import write_checkpoint
 from omni2.engine.config import Limits
 from omni2.stages.asr import ASRStage
 from omni2.stages.llm import LLMStage, LLMTurn

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni2.engine.checkpoint import ModelDir, write_checkpoint
-from omni2.engine.config import Limits
-from omni2.engine.vocoder_ckpt import write_vocoder_checkpoint
-from omni2.stages.sampling import SamplingParams
-from omni2.stages.tts import TTSInput, TTSOptions, TTSStage
-from omni2.stages.vocoder import VocoderInput, VocoderOptions, VocoderStage
+from omni2.engine.checkpoints.model_dir import ModelDir
+from omni2.engine.checkpoints.model_writer import write_checkpoint
+from omni2.engine.checkpoints.vocoder_writer import write_vocoder_checkpoint
+from omni2.engine.config import Limits, SamplingParams, TTSOptions, VocoderOptions
+from omni2.stages.tts import TTSInput, TTSStage
+from omni2.stages.vocoder import VocoderInput, VocoderStage
 
 
 def _sync(device: torch.device) -> None:

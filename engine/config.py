@@ -1,16 +1,21 @@
-"""One dataclass tree for the model, its placement and the engine's limits.
+"""Every config and option dataclass of the engine, in one tree: the model and vocoder dimensions, placement,
+limits, per-session sampling and options, the stages' options, and the engine's and the daemon's settings.
 
 Model dataclasses are read from an official LLaMA-Omni2 `config.json` (MODEL_SPEC §1.2) and written back in the
-same form by the random-checkpoint writer, so `ModelConfig.from_dict(cfg.to_dict())` round-trips.
+same form by the random-checkpoint writer, so `ModelConfig.from_dict(cfg.to_dict())` round-trips. This module
+imports nothing of ours, so every part of the engine (and the client) may import it.
 """
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Fixed by the official code, not by config.json: the projector's hidden width is a literal 2048 in
 # EncoderProjectorConcat, and Whisper's attention heads are always 64 wide (large-v3: 1280 / 20).
@@ -22,6 +27,10 @@ WHISPER_N_CTX = 1500  # encoder positions for 30 s of audio; Whisper asserts thi
 
 class ConfigError(ValueError):
     """A config.json (or a user-supplied option) that the engine cannot run."""
+
+
+class CheckpointError(ValueError):
+    """A model directory or checkpoint file that does not match the official layout (missing, extra, misshaped)."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +296,7 @@ class VocoderConfig:
         return self.mel_cache_len * self.hift.samples_per_frame  # 3840 samples, also the cross-fade half
 
 
-STAGES = ("asr", "llm", "tts", "vocoder")
+STAGES = ("asr", "llm", "tts", "vocoder")  # the pipeline, in order (runtime/topology.py wires it)
 
 
 @dataclass(frozen=True)
@@ -330,5 +339,191 @@ class Limits:
             raise ConfigError(f"limits out of range: {self}")
 
 
-class CheckpointError(ValueError):
-    """A model directory or checkpoint file that does not match the official layout (missing, extra, misshaped)."""
+# ------------------------------------------------------------------------------------- sampling and sessions
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy. top_k 0 = off. top_p 1.0 = off. Defaults follow run_llama_omni2.py (greedy)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.temperature >= 0.0 and self.temperature == self.temperature):
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be a non-negative 63-bit integer, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# The official generate_units sampling: temperature 1, top_p 1, and transformers' default top_k of 50.
+OFFICIAL_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Per-session choices: voice, thinker sampling (greedy by default, as run_llama_omni2.py), TTS sampling
+    (the official temperature 1 / top-k 50 unless greedy), and the seed every random draw derives from."""
+
+    voice: str = "default"
+    seed: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    tts_sampling: SamplingParams = OFFICIAL_SAMPLING
+    max_new_tokens: int | None = None
+
+    def seeded(self) -> tuple[SamplingParams, SamplingParams]:
+        # Distinct streams for the two LMs, both pure functions of the session seed.
+        return replace(self.sampling, seed=self.seed), replace(self.tts_sampling, seed=self.seed + 1)
+
+    @property
+    def vocoder_seed(self) -> int:
+        """The seed of the session's vocoder randomness (HiFT's source phases and noise)."""
+        return self.seed + 2
+
+
+# ------------------------------------------------------------------------------------------- stage options
+
+
+@dataclass(frozen=True)
+class TTSOptions:
+    """Deviations from the official algorithm, each off by default.
+
+    units_only: sample among unit tokens + EOS only (the official head may pick text ids, which yield no audio);
+        the head then reads only those 6562 rows (kernels/fsq_decode.py).
+    offline: read the whole reply before writing any unit (the paper's non-streaming comparison).
+    gate_override: fix the fusion gate g (1.0 = hidden state only, 0.0 = text embedding only; paper ablation).
+    reprefill: the official cost model — rebuild the cache from position 0 every chunk (baseline for benches).
+    """
+
+    units_only: bool = False
+    offline: bool = False
+    gate_override: float | None = None
+    reprefill: bool = False
+    max_context: int = 4096  # TTS positions per session: reply text + units + the final flush
+
+
+@dataclass(frozen=True)
+class VocoderOptions:
+    """mode: "incremental" (cached chunks) or "recompute" (official cost). token_hop: units per call (None = the
+    official 50). left_chunks: flow attention window in chunks (None = all = exact; see docs/ARCHITECTURE.md).
+    deterministic: zero HiFT's random source phases and noise (tests, cross-implementation comparisons)."""
+
+    mode: str = "incremental"
+    token_hop: int | None = None
+    left_chunks: int | None = None
+    deterministic: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("incremental", "recompute"):
+            raise ConfigError(f"vocoder mode {self.mode!r} is not 'incremental' or 'recompute'")
+        if self.token_hop is not None and self.token_hop < 1:
+            raise ConfigError(f"token_hop must be >= 1, got {self.token_hop}")
+
+
+# ---------------------------------------------------------------------------------------- engine and daemon
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_worker_threads() -> int:
+    """torch threads per stage worker when none are asked for: the cores shared out among the four workers
+    (four workers each spinning a thread pool of every core thrash a small machine)."""
+    return max(1, (os.cpu_count() or 4) // len(STAGES))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The multi-process engine (omni2.engine.runtime): where the model is, how it is placed and limited.
+
+    threads: torch threads per worker process. None shares the machine's cores out among the four workers;
+    the reference pipeline equals the engine bit for bit only when both use the same count (docs/ARCHITECTURE.md,
+    "Threads")."""
+
+    model_dir: str
+    vocoder_dir: str
+    placement: str = "cpu"  # cpu | cuda | asr=0,llm=1,tts=1,vocoder=1
+    dtype: str = "float32"
+    limits: Limits = Limits()
+    tts_options: TTSOptions = TTSOptions()
+    vocoder_options: VocoderOptions = VocoderOptions()
+    ring_slots: int = 8
+    asr_batch: int = 4
+    heartbeat_s: float = 0.2
+    hang_s: float = 1.0  # a worker silent this long is hung
+    step_timeout_s: float = 300.0  # one step running this long is hung
+    start_timeout_s: float = 600.0
+    open_timeout_s: float = 60.0
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def worker_threads(self) -> int:
+        return self.threads or default_worker_threads()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The daemon's front door (omni2.engine.serve)."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    token: str | None = None  # required for a non-loopback bind
+    max_frame_bytes: int = 4 << 20  # one request, all frames together; 30 s of 48 kHz float32 is 5.8 MB: chunk it
+    max_sessions_per_client: int = 8
+    max_turn_seconds: float = 30.0  # user audio per turn (Limits.max_audio_seconds)
+    max_new_tokens: int = 256  # the largest max_new_tokens a session may ask for (Limits.max_new_tokens)
+    stream_params: str = "(3,10)"  # the model's Read-R-Write-W, reported in session.opened
+    probe_s: float = 2.0  # a client with sessions that sent nothing for this long is probed (a pong it ignores)
+    reclaim_s: float = 10.0  # a client unreachable this long loses its sessions (a reconnect within it keeps them)
+    idle_timeout_s: float = 900.0  # a session with no request and no reply for this long is closed
+    send_hwm: int = 100_000  # queued messages per client before it counts as unreachable (it is not reading)
+    # ZMQ CURVE: encryption with the server's key pair (a zmq certificate file holding the secret key); with
+    # curve_clients (a directory of allowed clients' public certificates) also authentication.
+    curve_secret_file: str | None = None
+    curve_clients: str | None = None
+
+    def __post_init__(self):
+        if self.curve_clients is not None and self.curve_secret_file is None:
+            raise ConfigError("--curve-clients needs --curve-secret-file (the daemon's own key pair)")
+        check_bind(self.bind, self.token, authenticated=self.curve_clients is not None)
+
+
+def is_loopback(bind: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// on 127.0.0.0/8, ::1 or localhost; False for anything else."""
+    u = urlsplit(bind)
+    if u.scheme in ("ipc", "inproc"):
+        return True
+    if u.scheme != "tcp":
+        return False
+    host = (u.hostname or "").strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a DNS name: reachable from elsewhere
+
+
+def check_bind(bind: str, token: str | None, authenticated: bool = False) -> None:
+    """A bind other than loopback needs a token or CURVE client authentication (`authenticated`)."""
+    if not re.fullmatch(r"(tcp|ipc|inproc)://.+", bind):
+        raise ConfigError(f"--bind {bind!r} is not a ZMQ endpoint such as tcp://127.0.0.1:5555")
+    if not is_loopback(bind) and not token and not authenticated:
+        raise ConfigError(f"refusing to bind {bind}: it is reachable from other machines and no --token-file was "
+                          f"given. Anyone who can connect could run the model; pass --token-file FILE (clients "
+                          f"then need the same token), or --curve-secret-file with --curve-clients DIR (ZMQ CURVE "
+                          f"keys), or bind tcp://127.0.0.1:PORT")

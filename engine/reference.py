@@ -10,37 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from omni2.engine.audio import prepare_audio
-from omni2.engine.checkpoint import ModelDir
-from omni2.engine.config import Limits
-from omni2.engine.protocol import AudioDelta, Event, TextDelta, TurnDone, UnitChunk
+from omni2.engine.checkpoints.model_dir import ModelDir
+from omni2.engine.config import Limits, SessionOptions, TTSOptions, VocoderOptions
+from omni2.engine.wire.protocol import AudioDelta, Event, TextDelta, TurnDone, UnitChunk
 from omni2.stages.asr import ASRStage
 from omni2.stages.llm import LLMStage, LLMTurn
-from omni2.stages.sampling import SamplingParams
-from omni2.stages.tts import OFFICIAL_SAMPLING, TTSInput, TTSOptions, TTSStage
-from omni2.stages.vocoder import VocoderInput, VocoderOptions, VocoderStage
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """Per-session choices: voice, thinker sampling (greedy by default, as run_llama_omni2.py), TTS sampling
-    (the official temperature 1 / top-k 50 unless greedy), and the seed every random draw derives from."""
-
-    voice: str = "default"
-    seed: int = 0
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    tts_sampling: SamplingParams = OFFICIAL_SAMPLING
-    max_new_tokens: int | None = None
-
-    def seeded(self) -> tuple[SamplingParams, SamplingParams]:
-        # Distinct streams for the two LMs, both pure functions of the session seed.
-        return replace(self.sampling, seed=self.seed), replace(self.tts_sampling, seed=self.seed + 1)
+from omni2.stages.tts import TTSInput, TTSStage
+from omni2.stages.vocoder import VocoderInput, VocoderStage
 
 
 class ReferencePipeline:
@@ -65,7 +48,7 @@ class ReferencePipeline:
 
     def open(self, session_id: str, options: SessionOptions = SessionOptions()) -> None:
         llm_sampling, tts_sampling = options.seeded()
-        self.vocoder.open(session_id, options.voice, seed=options.seed + 2)  # checks the voice first
+        self.vocoder.open(session_id, options.voice, seed=options.vocoder_seed)  # checks the voice first
         self.asr.open(session_id)
         self.llm.open(session_id, llm_sampling)
         self.tts.open(session_id, tts_sampling)

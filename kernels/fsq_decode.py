@@ -7,22 +7,22 @@
 The restricted mode reads only the 6561 unit rows + EOS of the TTS head (instead of all ~158k rows): the dominant
 saving of a decode step. It equals sampling the full-vocab logits with the other rows masked to -inf, because the
 noise is keyed by the token id, not by the column. `full_vocab=True` reads every row (official semantics).
-filter = temperature, top-k, top-p exactly as stages.sampling.filter_logits; the noise is
-stages.sampling.token_noise (a 32-bit integer hash, reproduced bit for bit here in uint32 arithmetic).
+filter = temperature, top-k, top-p exactly as kernels/sampling.py filter_logits; the noise is
+kernels/sampling.py token_noise (a 32-bit integer hash, reproduced bit for bit here in uint32 arithmetic).
 
-Paths (kernels/_dispatch.py picks one per call: Triton on CUDA, `fsq_decode_ref` on CPU unless forced):
+Paths (kernels/dispatch.py picks one per call: Triton on CUDA, `fsq_decode_ref` on CPU unless forced):
   _head_logits_kernel  Triton: GEMM of the hidden states with the selected head rows -> fp32 logits (B, n)
   _fsq_sample_kernel   Triton: temperature, top-k and top-p (by bisection on the logits' bit patterns, no sort),
                        noise and argmax, one program per block of rows holding whole rows (n <= 16384)
-  above 16384 columns  (full_vocab on a real vocab) torch: stages.sampling.sample_logits on the kernel's logits
+  above 16384 columns  (full_vocab on a real vocab) torch: kernels/sampling.py sample_logits on the kernel's logits
 `fsq_codes` / `fsq_index` map unit ids to the 8 FSQ levels in {-1, 0, 1} and back (MODEL_SPEC §2.2).
 """
 from __future__ import annotations
 
 import torch
 
-from omni2.kernels._dispatch import INTERPRET, cdiv, jit, next_pow2, tl, use_triton
-from omni2.stages.sampling import sample_logits
+from omni2.kernels.dispatch import INTERPRET, cdiv, jit, next_pow2, tl, use_triton
+from omni2.kernels.sampling import sample_logits
 
 FSQ_DIMS, FSQ_LEVELS = 8, 3  # CosyVoice2's S3 tokenizer: 8 dims x 3 levels = 6561 units
 N_FSQ_UNITS = FSQ_LEVELS ** FSQ_DIMS
@@ -171,7 +171,7 @@ def _fsq_sample_kernel(logit_ptr, ids_ptr, temp_ptr, topk_ptr, topp_ptr, seed_pt
             lo = tl.where(small, lo, mid + 1)
         keep = keep & ((key >= lo.to(tl.int32)[:, None]) | ~use_p[:, None])
 
-    # Noise of stages.sampling.token_noise, keyed by (seed, counter, token id).
+    # Noise of kernels/sampling.py token_noise, keyed by (seed, counter, token id).
     seed = tl.load(seed_ptr + rows, mask=row_ok, other=0)
     ctr = tl.load(ctr_ptr + rows, mask=row_ok, other=0)
     row_key = _mix32(_mix32(_mix32(seed.to(tl.uint32)) ^ (seed >> 32).to(tl.uint32)) ^ ctr.to(tl.uint32))

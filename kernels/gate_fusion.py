@@ -6,7 +6,7 @@
 `gate_fusion` is what the TTS stage calls; `gate_fusion_ref` is the plain-torch formula, kept as the
 reference and the fallback; `gate_fusion_triton` launches `_gate_fusion_kernel`, a GEMM with the sigmoid-blend
 epilogue that reads W's two halves in place (no materialised concat). Triton on CUDA tensors, the reference on
-CPU unless forced (kernels/_dispatch.py).
+CPU unless forced (kernels/dispatch.py).
 
 The input_proj layers before it are not folded in: every output column of the gate needs all D columns of
 r = input_proj(h), so a fused kernel would need a grid-wide barrier between the two GEMMs or would recompute
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from omni2.kernels._dispatch import INTERPRET, cdiv, jit, next_pow2, tl, use_triton
+from omni2.kernels.dispatch import INTERPRET, cdiv, jit, next_pow2, tl, use_triton
 
 
 @jit

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.audio_utils import mel_filter_bank
 
 from omni2.engine.audio import N_SAMPLES, SAMPLE_RATE, AudioError
+from omni2.engine.checkpoints.model_dir import PREFIX_ENCODER, PREFIX_PROJECTOR, ModelDir
 from omni2.engine.config import ProjectorConfig, WhisperEncoderConfig
 
 # hard-coded STFT hyperparameters of Whisper's front end (whisper/audio.py)
@@ -174,8 +175,6 @@ class ASRStage:
                         dtype: torch.dtype = torch.float32) -> ASRStage:
         """Load `model.speech_encoder.*` and `model.speech_projector.*` from an official model directory
         (a path or an opened `ModelDir`)."""
-        from omni2.engine.checkpoint import PREFIX_ENCODER, PREFIX_PROJECTOR, ModelDir
-
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         with torch.device("meta"):  # no RAM spent on random weights that are overwritten at once
             encoder = WhisperEncoder(md.config.encoder)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni2.engine.config import CFMConfig, FlowConfig
-from omni2.stages.flow_cache import KVCache, Span
+from omni2.stages.flow_cache import Span, StreamKVCache
 from omni2.stages.flow_encoder import FlowEncoder
 from omni2.stages.flow_estimator import FlowEstimator
 
@@ -181,7 +181,7 @@ class FlowStream:
 
     def kv_bytes(self) -> int:
         """Bytes of committed keys/values alone (what `kv_bytes_per_second` predicts)."""
-        return sum(c.live_bytes() for c in self._caches() if isinstance(c, KVCache))
+        return sum(c.live_bytes() for c in self._caches() if isinstance(c, StreamKVCache))
 
     def _step(self, finalize: bool) -> torch.Tensor:
         flow, cfg = self.flow, self.flow.cfg

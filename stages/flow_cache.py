@@ -87,7 +87,7 @@ def causal_pad(x: torch.Tensor, pad: int, cache: ConvCache | None, commit: int) 
     return x
 
 
-class KVCache:
+class StreamKVCache:
     """Keys/values of committed positions [pos, pos + len) at the front of a growable (B, H, capacity, D) buffer.
 
     Each call writes its open keys/values right after the committed ones and attends over the buffer in place (no

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni2.engine.config import ConfigError, FlowConfig
-from omni2.stages.flow_cache import ConvCache, KVCache, Span, assign_slots, causal_pad
+from omni2.stages.flow_cache import ConvCache, Span, StreamKVCache, assign_slots, causal_pad
 
 
 def rel_pos_rows(lo: int, hi: int, d_model: int, device: torch.device | None = None) -> torch.Tensor:
@@ -51,8 +51,8 @@ class RelPosAttention(nn.Module):
         self._lo, self._key = 0, None
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_table", None))
 
-    def new_cache(self) -> KVCache:
-        return KVCache()
+    def new_cache(self) -> StreamKVCache:
+        return StreamKVCache()
 
     def pos_rows(self, lo: int, hi: int) -> torch.Tensor:
         """linear_pos(pe) for distances [lo, hi): (hi - lo, n_feat)."""

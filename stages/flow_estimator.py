@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni2.engine.config import FlowEstimatorConfig
-from omni2.stages.flow_cache import ConvCache, KVCache, Span, assign_slots, causal_pad
+from omni2.stages.flow_cache import ConvCache, Span, StreamKVCache, assign_slots, causal_pad
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -101,8 +101,8 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
-    def new_cache(self) -> KVCache:
-        return KVCache()
+    def new_cache(self) -> StreamKVCache:
+        return StreamKVCache()
 
     def forward(self, x: torch.Tensor, span: Span) -> torch.Tensor:  # (B, T, C)
         B, T, _ = x.shape

@@ -43,7 +43,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-class KVCache:
+class SlotKVCache:
     """Preallocated keys/values for `slots` sessions x `max_len` positions, one pair per layer.
 
     The cache does not track lengths: the owner (a stage) keeps each slot's length and passes the start
@@ -158,7 +158,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, embeds: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, batch: Batch, cache: SlotKVCache) -> torch.Tensor:
         """embeds (B, T, H) right-padded -> final-norm hidden states (B, T, H)."""
         cos, sin = rope_cos_sin(batch.positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         x = embeds
@@ -179,7 +179,7 @@ class Qwen2LM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def forward(self, embeds: torch.Tensor, batch: Batch, cache: KVCache, head: bool = True):
+    def forward(self, embeds: torch.Tensor, batch: Batch, cache: SlotKVCache, head: bool = True):
         """Returns the final-norm hidden state (B, H) and logits (B, V) of each row's last real position.
         head=False skips the lm_head (logits None), for callers that apply the head themselves."""
         hidden = self.model(embeds, batch, cache)
@@ -187,7 +187,7 @@ class Qwen2LM(nn.Module):
         return last, self.lm_head(last) if head else None
 
 
-def forward_rows(lm: Qwen2LM, cache: KVCache, slots: list[int], starts: list[int], rows: list[torch.Tensor],
+def forward_rows(lm: Qwen2LM, cache: SlotKVCache, slots: list[int], starts: list[int], rows: list[torch.Tensor],
                  head: bool = True):
     """One forward over several sessions: row b appends embeddings rows[b] (n_b, H) to slot slots[b] at
     position starts[b]. Returns the final-norm hidden (B, H) and logits (B, V) of each row's last position

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from omni2.engine.config import Limits
-from omni2.stages.layers import KVCache, Qwen2LM, SlotPool, forward_rows
-from omni2.stages.sampling import SamplingParams, sample
+from omni2.engine.checkpoints.model_dir import THINKER_EXCLUDE, ModelDir
+from omni2.engine.config import Limits, SamplingParams
+from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows
+from omni2.stages.sampling import sample
 
 
 class LLMError(RuntimeError):
@@ -88,14 +89,12 @@ class LLMStage:
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.tok, self.speech_id, self.eos_ids = tokenizer, speech_token_id, frozenset(eos_ids)
         self.limits, self.device, self.dtype = limits, torch.device(device), dtype
-        self.cache = KVCache(lm.cfg, limits.max_sessions, limits.max_context, self.device, dtype)
+        self.cache = SlotKVCache(lm.cfg, limits.max_sessions, limits.max_context, self.device, dtype)
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "LLM", LLMError)
 
     @classmethod
     def from_checkpoint(cls, model_dir, limits: Limits = Limits(), device="cpu", dtype=torch.float32) -> LLMStage:
-        from omni2.engine.checkpoint import THINKER_EXCLUDE, ModelDir
-
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         with torch.device("meta"):
             lm = Qwen2LM(md.config.thinker)

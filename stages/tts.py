@@ -14,37 +14,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from omni2.engine.config import ConfigError, Limits, StreamParams
+from omni2.engine.checkpoints.model_dir import GENERATOR_EXCLUDE, PREFIX_GENERATOR, PREFIX_TTS_LM, ModelDir
+from omni2.engine.config import OFFICIAL_SAMPLING, ConfigError, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
-from omni2.stages.layers import KVCache, Qwen2LM, SlotPool, forward_rows
-from omni2.stages.sampling import SamplingParams
+from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows
 
-# The official generate_units sampling: temperature 1, top_p 1, and transformers' default top_k of 50.
-OFFICIAL_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=1.0)
 FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
 
 
 class TTSError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class TTSOptions:
-    """Deviations from the official algorithm, each off by default.
-
-    units_only: sample among unit tokens + EOS only (the official head may pick text ids, which yield no audio);
-        the head then reads only those 6562 rows (kernels/fsq_decode.py).
-    offline: read the whole reply before writing any unit (the paper's non-streaming comparison).
-    gate_override: fix the fusion gate g (1.0 = hidden state only, 0.0 = text embedding only; paper ablation).
-    reprefill: the official cost model — rebuild the cache from position 0 every chunk (baseline for benches).
-    """
-
-    units_only: bool = False
-    offline: bool = False
-    gate_override: float | None = None
-    reprefill: bool = False
-    max_context: int = 4096  # TTS positions per session: reply text + units + the final flush
 
 
 class SpeechGenerator(nn.Module):
@@ -109,15 +89,13 @@ class TTSStage:
             raise ConfigError(f"unit ids {unit0}..{unit0 + n_units - 1} exceed the TTS vocab {lm.cfg.vocab_size}")
         self.stream, self.limits, self.opts = stream, limits, options
         self.device, self.dtype = torch.device(device), dtype
-        self.cache = KVCache(lm.cfg, limits.max_sessions, options.max_context, self.device, dtype)
+        self.cache = SlotKVCache(lm.cfg, limits.max_sessions, options.max_context, self.device, dtype)
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "TTS", TTSError)
 
     @classmethod
     def from_checkpoint(cls, model_dir, limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
                         device="cpu", dtype=torch.float32) -> TTSStage:
-        from omni2.engine.checkpoint import GENERATOR_EXCLUDE, PREFIX_GENERATOR, PREFIX_TTS_LM, ModelDir
-
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         cfg = md.config
         with torch.device("meta"):

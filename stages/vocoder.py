@@ -17,30 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omni2.engine.config import ConfigError, Limits, VocoderConfig
+from omni2.engine.checkpoints.vocoder_dir import VocoderDir
+from omni2.engine.config import ConfigError, Limits, VocoderConfig, VocoderOptions
 from omni2.stages.flow import Flow, FlowStream
+from omni2.stages.hift import HiFT
 
 
 class VocoderError(RuntimeError):
     pass
-
-
-@dataclass(frozen=True)
-class VocoderOptions:
-    """mode: "incremental" (cached chunks) or "recompute" (official cost). token_hop: units per call (None = the
-    official 50). left_chunks: flow attention window in chunks (None = all = exact; see docs/ARCHITECTURE.md).
-    deterministic: zero HiFT's random source phases and noise (tests, cross-implementation comparisons)."""
-
-    mode: str = "incremental"
-    token_hop: int | None = None
-    left_chunks: int | None = None
-    deterministic: bool = False
-
-    def __post_init__(self):
-        if self.mode not in ("incremental", "recompute"):
-            raise ConfigError(f"vocoder mode {self.mode!r} is not 'incremental' or 'recompute'")
-        if self.token_hop is not None and self.token_hop < 1:
-            raise ConfigError(f"token_hop must be >= 1, got {self.token_hop}")
 
 
 @dataclass(slots=True)
@@ -55,6 +39,22 @@ class VocoderOutput:
     session_id: str
     pcm: np.ndarray  # float32 mono at the vocoder's sample rate; may be empty
     final: bool
+
+
+def load_flow(vd: VocoderDir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Flow:
+    """The flow built on the meta device and loaded strictly from vd's flow.pt."""
+    with torch.device("meta"):
+        model = Flow(vd.config.flow)
+    return vd.load_into(model, "flow", device, dtype).eval().requires_grad_(False)
+
+
+def load_hift(vd: VocoderDir, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HiFT:
+    """HiFT built on the meta device and loaded strictly from vd's hift.pt (weight norm folded for inference)."""
+    with torch.device("meta"):
+        model = HiFT(vd.config.hift)
+    vd.load_into(model, "hift", device, dtype)
+    model.init_non_persistent(device)
+    return model.eval().requires_grad_(False).fold_weight_norm()
 
 
 @dataclass
@@ -98,8 +98,6 @@ class VocoderStage:
     @classmethod
     def from_checkpoint(cls, vocoder_dir, limits: Limits = Limits(), options: VocoderOptions = VocoderOptions(),
                         device="cpu", dtype=torch.float32, voices_dir: str | Path | None = None) -> VocoderStage:
-        from omni2.engine.vocoder_ckpt import VocoderDir, load_flow, load_hift
-
         vd = vocoder_dir if isinstance(vocoder_dir, VocoderDir) else VocoderDir(vocoder_dir, voices_dir)
         return cls(load_flow(vd, device, dtype), load_hift(vd, device, dtype), vd.config, vd.noise(), vd, limits,
                    options, device, dtype)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from omni2.engine.audio import read_wav, write_wav
-from omni2.engine.cli import main
+from omni2.engine.cli.generate import run_turn, session_options
+from omni2.engine.cli.main import main
 from omni2.engine.config import Limits
-from omni2.engine.generate import run_turn, session_options
-from omni2.engine.protocol import AudioDelta, TextDelta, TurnDone, UnitChunk
 from omni2.engine.reference import ReferencePipeline
+from omni2.engine.wire.protocol import AudioDelta, TextDelta, TurnDone, UnitChunk
 
 AUDIO = (np.random.default_rng(0).standard_normal(16000 * 2) * 0.1).astype(np.float32)
 

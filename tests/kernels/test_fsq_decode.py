@@ -3,7 +3,8 @@ sampling (CPU: triton's interpreter, see conftest), plus the FSQ digit mapping."
 import pytest
 import torch
 
-from omni2.kernels import _dispatch
+from omni2.engine.config import SamplingParams
+from omni2.kernels import dispatch
 from omni2.kernels.fsq_decode import (
     MAX_FUSED_COLS,
     N_FSQ_UNITS,
@@ -13,7 +14,8 @@ from omni2.kernels.fsq_decode import (
     fsq_decode_triton,
     fsq_index,
 )
-from omni2.stages.sampling import SamplingParams, filter_logits, sample
+from omni2.kernels.sampling import filter_logits
+from omni2.stages.sampling import sample
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -171,7 +173,7 @@ def test_dispatch_forced_and_default(force_triton, monkeypatch):
     monkeypatch.setattr("omni2.kernels.fsq_decode.fsq_decode_triton", lambda *a, **k: calls.append(1))
     fsq_decode(h, W, UNIT0, 6561, EOS, *args)
     assert calls == [1]
-    monkeypatch.setattr(_dispatch, "FORCE_TRITON", False)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", False)
     out = fsq_decode(h, W, UNIT0, 6561, EOS, *args)
     assert calls == [1] + ([1] if DEV == "cuda" else [])
     if DEV == "cpu":

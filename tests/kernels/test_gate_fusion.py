@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from omni2.kernels import _dispatch
+from omni2.kernels import dispatch
 from omni2.kernels.gate_fusion import gate_fusion, gate_fusion_ref, gate_fusion_triton
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,15 +58,15 @@ def test_dispatch_forced_and_default(force_triton, monkeypatch):
     monkeypatch.setattr("omni2.kernels.gate_fusion.gate_fusion_triton", lambda *a: calls.append(1) or a[0])
     gate_fusion(r, e, W, b)
     assert calls == [1]
-    monkeypatch.setattr(_dispatch, "FORCE_TRITON", False)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", False)
     gate_fusion(r, e, W, b)
     assert calls == [1] + ([1] if DEV == "cuda" else [])  # CPU tensors take the reference unless forced
 
 
 def test_missing_triton_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
-    monkeypatch.setattr(_dispatch, "FORCE_TRITON", True)
-    monkeypatch.setattr(_dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "HAS_TRITON", False)
+    monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
+    monkeypatch.setattr(dispatch, "_warned", set())
     r, e, W, b = inputs(2, 16, torch.float32)
     with pytest.warns(RuntimeWarning, match="triton is not installed"):
         out = gate_fusion(r, e, W, b)

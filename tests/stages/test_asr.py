@@ -233,7 +233,7 @@ def test_from_checkpoint_tiny(request, tmp_path):
     try:
         model_dir = request.getfixturevalue("tiny_ckpt")  # tests/conftest.py: the shared tiny model directory
     except pytest.FixtureLookupError:
-        from omni2.engine.checkpoint import write_checkpoint
+        from omni2.engine.checkpoints.model_writer import write_checkpoint
 
         model_dir = write_checkpoint(tmp_path, "tiny")
     stage = ASRStage.from_checkpoint(model_dir)
@@ -292,7 +292,7 @@ def test_checkpoint_encoder_loads_into_transformers_whisper(tiny_ckpt):
     """The layout proof: the tiny checkpoint's `model.speech_encoder.*` tensors, renamed by the documented
     mapping (`to_hf_whisper_encoder`, docs/ARCHITECTURE.md), load strictly into transformers' WhisperEncoder
     and give our encoder's output."""
-    from omni2.engine.checkpoint import PREFIX_ENCODER, ModelDir
+    from omni2.engine.checkpoints.model_dir import PREFIX_ENCODER, ModelDir
 
     md = ModelDir(tiny_ckpt)
     sd = {k.removeprefix(PREFIX_ENCODER): md.get_tensor(k, dtype=torch.float32) for k in md.keys(PREFIX_ENCODER)}

@@ -5,7 +5,7 @@ from transformers import Qwen2Config as HFQwen2Config
 from transformers import Qwen2ForCausalLM
 
 from omni2.engine.config import Qwen2Config
-from omni2.stages.layers import Batch, KVCache, Qwen2LM
+from omni2.stages.layers import Batch, Qwen2LM, SlotKVCache
 
 CFG = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6)
@@ -30,7 +30,7 @@ def run_ours(lm, prompts, steps, slots=None, cache=None):
     """Greedy: prefill all prompts in one padded batch, then decode `steps` tokens for all rows together."""
     B = len(prompts)
     slots = slots or list(range(B))
-    cache = cache or KVCache(CFG, 8, 128, "cpu", torch.float32)
+    cache = cache or SlotKVCache(CFG, 8, 128, "cpu", torch.float32)
     T = max(len(p) for p in prompts)
     ids = torch.zeros(B, T, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -90,7 +90,7 @@ def test_four_prompt_lengths_batched_equal_alone():
 def test_chunked_prefill_equals_one_shot(split):
     ours, _ = make_pair(seed=4)
     prompt = list(range(10, 40))
-    cache = KVCache(CFG, 2, 64, "cpu", torch.float32)
+    cache = SlotKVCache(CFG, 2, 64, "cpu", torch.float32)
     ids = torch.tensor([prompt])
     _, one_shot = ours(ours.embed(ids), Batch.make([0], [0], [30], "cpu"), cache)
     ours(ours.embed(ids[:, :split]), Batch.make([1], [0], [split], "cpu"), cache)

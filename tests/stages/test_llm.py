@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from omni2.engine.checkpoint import THINKER_EXCLUDE, ModelDir
-from omni2.engine.config import Limits
+from omni2.engine.checkpoints.model_dir import THINKER_EXCLUDE, ModelDir
+from omni2.engine.config import Limits, SamplingParams
 from omni2.stages.llm import LLMError, LLMStage, LLMTurn
-from omni2.stages.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")

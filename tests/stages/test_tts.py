@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from omni2.engine.checkpoint import ModelDir
-from omni2.engine.config import Limits, StreamParams
-from omni2.stages.sampling import SamplingParams, sample
-from omni2.stages.tts import OFFICIAL_SAMPLING, TTSInput, TTSOptions, TTSStage
+from omni2.engine.checkpoints.model_dir import ModelDir
+from omni2.engine.config import OFFICIAL_SAMPLING, Limits, SamplingParams, StreamParams, TTSOptions
+from omni2.stages.sampling import sample
+from omni2.stages.tts import TTSInput, TTSStage
 
 
 @pytest.fixture(scope="module")
@@ -221,15 +221,15 @@ def test_stream_params_come_from_the_checkpoint(md, stage_factory):
 def test_kernels_give_the_same_units_as_the_references(md, force_triton, monkeypatch, units_only):
     """One session through the Triton kernels (gate fusion, FSQ decode; interpreted on CPU) and through the torch
     references: the same tokens, step for step. The final flush is capped at 20 units: the interpreter is slow."""
-    from omni2.kernels import _dispatch
+    from omni2.kernels import dispatch
 
     monkeypatch.setattr("omni2.stages.tts.FINAL_MAX_UNITS", 20)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ids, h = reply(md, 5, 8)
     runs = []
     for kernels in (True, False):
-        monkeypatch.setattr(_dispatch, "FORCE_TRITON", kernels)
-        monkeypatch.setattr(_dispatch, "FORCE_REFERENCE", not kernels)
+        monkeypatch.setattr(dispatch, "FORCE_TRITON", kernels)
+        monkeypatch.setattr(dispatch, "FORCE_REFERENCE", not kernels)
         st = TTSStage.from_checkpoint(md, Limits(max_sessions=1), TTSOptions(units_only=units_only), device=device)
         st.open("s", SamplingParams(1.0, 50, 1.0, seed=21))
         runs.append(run_stage(st, "s", ids, h))

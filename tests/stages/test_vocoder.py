@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from omni2.engine.config import CheckpointError, ConfigError
-from omni2.stages.vocoder import VocoderError, VocoderInput, VocoderOptions, VocoderStage
+from omni2.engine.config import CheckpointError, ConfigError, VocoderOptions
+from omni2.stages.vocoder import VocoderError, VocoderInput, VocoderStage
 
 
 @pytest.fixture(scope="module")

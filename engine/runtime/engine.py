@@ -1,0 +1,586 @@
+"""The engine, in process: four stage workers behind one small API (docs/ARCHITECTURE.md, "Runtime").
+
+    engine (this process)                      workers (runtime/worker.py)
+    commit() --asr_in--> asr --asr_llm--> llm --llm_tts--> tts --tts_voc--> vocoder
+                 events <--llm_out----------'   <--tts_out---'   <--voc_out-----'
+
+User threads call open/append/commit/cancel/close. One loop thread owns every socket the engine reads (the control
+ROUTER and the three output rings): each pass it waits up to 50 ms for a message or a wake-up, runs the commands
+user threads queued, turns what workers sent into events (runtime/turns.py) and asks the supervisor whether a
+worker died or hung. Only the asr_in ring is written from user threads, under a lock, so a full ASR queue blocks
+the caller that submitted, never the loop that drains replies.
+
+Sessions get a wire key of their own ("s<n>") so a user's session id can be reused at once after close without
+stale data of the old session ever meeting the new one; turns are numbered per session and every data row
+carries its turn, so whatever is still in flight from a cancelled or failed turn is dropped wherever it lands.
+A lost worker's turns (the ones it still held: Turn.held_by) end with an ErrorEvent and are cancelled in every
+stage; the producer that fed it frees the slots it held; a replacement is spawned and, once ready, re-opened for
+every session. Sessions it did not hold carry on.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+from omni2.engine.audio import AudioError, prepare_audio
+from omni2.engine.checkpoints.model_dir import ModelDir
+from omni2.engine.checkpoints.vocoder_dir import VocoderDir
+from omni2.engine.config import STAGES, EngineConfig, Placement, SessionOptions
+from omni2.engine.runtime.runners import to_wire
+from omni2.engine.runtime.supervisor import Supervisor
+from omni2.engine.runtime.topology import EDGES, ENGINE, inputs_of, ring_sizes
+from omni2.engine.runtime.turns import Turn
+from omni2.engine.runtime.worker import WorkerSpec
+from omni2.engine.wire import protocol, ring, shm
+from omni2.engine.wire.codec import ProtocolError
+from omni2.engine.wire.protocol import (
+    CancelSession,
+    CloseSession,
+    EngineToAsr,
+    ErrorEvent,
+    Event,
+    Heartbeat,
+    LlmToEngine,
+    RingReset,
+    SessionAck,
+    Shutdown,
+    StageError,
+    TtsToEngine,
+    TurnDone,
+    VocoderToEngine,
+    WorkerReady,
+)
+
+log = logging.getLogger("omni2.engine")
+_CANCELLED = object()  # ends an events() iterator without an event
+OUTPUT_EDGES = ("llm_out", "tts_out", "voc_out")
+
+
+class EngineError(RuntimeError):
+    """A request the engine refuses, or a failure; `code` is machine-readable."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class _Session:
+    user_id: str
+    key: str
+    options: SessionOptions
+    events: queue.Queue = field(default_factory=queue.Queue)
+    chunks: list = field(default_factory=list)  # audio appended for the next turn
+    rate: int = 0
+    turn: Turn | None = None
+    next_turn: int = 0
+
+
+@dataclass
+class _OpenAck:
+    """A session.open waiting for every worker's SessionAck."""
+
+    left: set[str] = field(default_factory=lambda: set(STAGES))
+    errors: list[str] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+# What user threads ask of the loop thread (the only one that may touch the control socket).
+@dataclass(frozen=True, slots=True)
+class _Send:
+    """These frames (an encoded message) to the control socket of each of `stages`."""
+
+    stages: tuple[str, ...]
+    frames: list
+
+
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    pass
+
+
+class Engine:
+    """start() the workers, open sessions, submit turns, read events (`events()` or an `on_event` callback)."""
+
+    def __init__(self, config: EngineConfig, on_event: Callable[[str, Event], None] | None = None):
+        self.config, self.on_event = config, on_event
+        self.placement = Placement.parse(config.placement)
+        md = ModelDir(config.model_dir)
+        self.model_config = md.config
+        self.vocoder_dir = VocoderDir(config.vocoder_dir)
+        self.sample_rate = self.vocoder_dir.config.sample_rate
+        self.read = md.config.generator.stream.read
+        self.limits = config.limits
+        self._lock = threading.RLock()  # sessions, turns and acks: user threads and the loop thread
+        self._sessions: dict[str, _Session] = {}  # by user id
+        self._by_key: dict[str, _Session] = {}
+        self._keys = itertools.count()
+        self._commands: queue.Queue = queue.Queue()
+        self._acks: dict[str, _OpenAck] = {}
+        self._asr_lock = threading.Lock()
+        self._reclaim_asr = threading.Event()
+        self._ready, self._stopped = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._errors = 0
+        self._replay: set[str] = set()  # restarted stages to re-open every session in, once they are ready
+        # Made by start(); None until then (and status() says so).
+        self.prefix: str | None = None
+        self._specs: dict[str, ring.RingSpec] = {}
+        self._ctx: zmq.Context | None = None
+        self._wake_r = self._wake_w = -1
+        self._asr_in: ring.Producer | None = None
+        self._outs: dict[str, ring.Consumer] = {}
+        self._ctl: zmq.Socket | None = None
+        self._sup: Supervisor | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        cfg = self.config
+        self.prefix, self.ipc_dir = shm.new_prefix(), tempfile.gettempdir()
+        self._ctx = zmq.Context()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._specs = {e: ring.ipc_spec(e, self.prefix, n_slots=k, slot_bytes=b, ipc_dir=self.ipc_dir)
+                       for e, (k, b) in ring_sizes(cfg, self.model_config).items()}
+        try:
+            asr_in = self._specs["asr_in"]
+            self._asr_in = ring.Producer("asr_in", self.prefix, n_slots=asr_in.n_slots, slot_bytes=asr_in.slot_bytes,
+                                         ipc_dir=self.ipc_dir, ctx=self._ctx)
+            self._outs = {e: ring.Consumer(self._specs[e], ctx=self._ctx) for e in OUTPUT_EDGES}
+            self._ctl = self._ctx.socket(zmq.ROUTER)
+            self._ctl.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
+            self._ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a missing worker raises, never vanishes
+            self._ctl.setsockopt(zmq.LINGER, 0)
+            ctl_addr = f"ipc://{os.path.join(self.ipc_dir, self.prefix + 'control')}"
+            self._ctl.bind(ctl_addr)
+            threads = cfg.worker_threads
+            workers = {s: WorkerSpec(s, str(cfg.model_dir), str(cfg.vocoder_dir), self.placement.devices[s],
+                                     cfg.dtype, cfg.limits, cfg.tts_options, cfg.vocoder_options, ctl_addr,
+                                     self._specs, self.prefix, self.ipc_dir, os.getpid(), cfg.heartbeat_s,
+                                     cfg.asr_batch, threads) for s in STAGES}
+            self._sup = Supervisor(workers, hang_s=cfg.hang_s, step_timeout_s=cfg.step_timeout_s)
+            log.info("starting %d stage workers (%s, %s, %d torch threads each)", len(STAGES), cfg.placement,
+                     cfg.dtype, threads)
+            for s in STAGES:
+                self._sup.spawn(s)
+            self._thread = threading.Thread(target=self._loop, name="omni2-engine", daemon=True)
+            self._thread.start()
+            deadline = time.monotonic() + cfg.start_timeout_s
+            while not self._ready.wait(0.1):
+                failed = self._sup.failed()
+                if failed or self._stopped.is_set() or time.monotonic() > deadline:
+                    raise EngineError("start_failed", "; ".join(failed.values()) or "workers were not ready in "
+                                      f"{cfg.start_timeout_s:.0f} s")
+        except BaseException:
+            self.stop()
+            raise
+        atexit.register(self.stop)  # before multiprocessing's own exit hook terminates the workers under us
+        log.info("engine ready: %s", ", ".join(f"{s}={self.placement.devices[s]}" for s in STAGES))
+        return self
+
+    def stop(self) -> None:
+        """End every turn in flight with an error event, stop the workers, release all shared memory."""
+        if self._stopped.is_set() or self.prefix is None:
+            return
+        with self._lock:
+            for s in list(self._sessions.values()):
+                self._fail_turn(s, "shutdown", "the engine is shutting down", broadcast=False)
+        if self._thread is not None and self._thread.is_alive():
+            self._command(_Stop())
+            self._thread.join(30)
+        else:
+            self._teardown()
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- sessions -------------------------------------------------------------------------------------------
+    def voices(self) -> list[str]:
+        return self.vocoder_dir.voices()
+
+    def open(self, session_id: str, options: SessionOptions = SessionOptions()) -> None:
+        self._check_running()
+        with self._lock:
+            if session_id in self._sessions:
+                raise EngineError("session_exists", f"session {session_id!r} is already open")
+            if len(self._sessions) >= self.limits.max_sessions:
+                raise EngineError("too_many_sessions", f"all {self.limits.max_sessions} sessions are in use "
+                                  "(close one, or start the engine with more --max-sessions)")
+            if options.voice not in self.voices():
+                raise EngineError("unknown_voice", f"no voice {options.voice!r}; voices: {', '.join(self.voices())}")
+            s = _Session(session_id, f"s{next(self._keys)}", options)
+            self._sessions[session_id] = self._by_key[s.key] = s
+            ack = self._acks[s.key] = _OpenAck()
+        self._broadcast(to_wire(s.key, s.options))
+        if not ack.done.wait(self.config.open_timeout_s):
+            ack.errors.append(f"not every stage answered within {self.config.open_timeout_s:.0f} s")
+        with self._lock:
+            self._acks.pop(s.key, None)
+        if ack.errors:
+            self._forget(s)
+            raise EngineError("open_failed", f"session {session_id!r}: " + "; ".join(ack.errors))
+
+    def append(self, session_id: str, pcm: np.ndarray, sample_rate: int) -> None:
+        """Buffer a chunk of the user's turn (float32 in [-1, 1] or int16, mono)."""
+        s = self._get(session_id)
+        pcm = np.asarray(pcm)
+        with self._lock:
+            if s.chunks and sample_rate != s.rate:
+                raise EngineError("bad_audio", f"sample rate changed within a turn ({s.rate} -> {sample_rate})")
+            if pcm.ndim != 1:
+                raise EngineError("bad_audio", f"audio chunks must be mono 1-D, got shape {pcm.shape}")
+            have = sum(c.shape[0] for c in s.chunks) + pcm.shape[0]
+            if sample_rate > 0 and have > self.limits.max_audio_seconds * sample_rate:
+                raise EngineError("too_long", f"the turn is longer than {self.limits.max_audio_seconds:g} s; "
+                                  "commit earlier (the chunk was not added)")
+            s.chunks.append(pcm)
+            s.rate = sample_rate
+
+    def commit(self, session_id: str) -> int:
+        """End of the user's turn: send it through the pipeline. Returns the turn number."""
+        self._check_running()
+        s = self._get(session_id)
+        with self._lock:
+            if s.turn is not None:
+                raise EngineError("busy", f"session {session_id!r} is still answering its previous turn; "
+                                  "cancel it or wait for its response.done")
+            chunks, rate, s.chunks = s.chunks, s.rate, []
+            if not chunks:
+                raise EngineError("bad_audio", "no audio was appended for this turn")
+            try:
+                audio = prepare_audio(np.concatenate(chunks), rate, max_seconds=self.limits.max_audio_seconds)
+            except (AudioError, ValueError, TypeError) as e:
+                raise EngineError("bad_audio", str(e)) from None
+            n, s.next_turn = s.next_turn, s.next_turn + 1
+            s.turn = Turn(n, time.perf_counter(), self.read)
+        self._put_asr(EngineToAsr([s.key], [n], [audio], [True], 16000, time.perf_counter()))
+        return n
+
+    def submit(self, session_id: str, audio: np.ndarray, sample_rate: int = 16000) -> int:
+        self._get(session_id).chunks.clear()
+        self.append(session_id, audio, sample_rate)
+        return self.commit(session_id)
+
+    def events(self, session_id: str, timeout: float | None = None) -> Iterator[Event]:
+        """The session's events in order, up to its turn's TurnDone or ErrorEvent (or its cancellation)."""
+        if self.on_event is not None:
+            raise EngineError("no_queue", "events are delivered to on_event for this engine")
+        q = self._get(session_id).events
+        while True:
+            try:
+                ev = q.get(timeout=timeout)
+            except queue.Empty:
+                raise EngineError("timeout", f"no event for {session_id!r} within {timeout} s") from None
+            if ev is _CANCELLED:
+                return
+            yield ev
+            if isinstance(ev, (TurnDone, ErrorEvent)):
+                return
+
+    def turn(self, session_id: str, audio: np.ndarray, sample_rate: int = 16000,
+             timeout: float | None = None) -> Iterator[Event]:
+        self.submit(session_id, audio, sample_rate)
+        return self.events(session_id, timeout)
+
+    def cancel(self, session_id: str) -> None:
+        """Barge-in: stop the turn in every stage; none of its events is delivered after this returns."""
+        s = self._get(session_id)
+        with self._lock:
+            turn, s.turn = s.turn, None
+            s.chunks = []
+            if turn is None:
+                return
+            while not s.events.empty():  # what is queued of that turn is not delivered either
+                s.events.get_nowait()
+            s.events.put(_CANCELLED)
+        self._broadcast(CancelSession(s.key, turn.number))
+
+    def close(self, session_id: str) -> None:
+        with self._lock:
+            s = self._sessions.get(session_id)
+            if s is None:
+                return
+            self.cancel(session_id)
+            self._forget(s)
+
+    def status(self) -> dict:
+        with self._lock:
+            sessions = len(self._sessions)
+            flying = sum(1 for s in self._sessions.values() if s.turn is not None)
+        stages = self._sup.status() if self._sup is not None else {}
+        rings = {}
+        for edge, (producer, _) in EDGES.items():
+            spec = self._specs.get(edge)
+            if producer == ENGINE:
+                used = self._asr_in.stats(refresh=True).in_use if self._asr_in is not None else 0
+            else:
+                used = stages.get(producer, {}).get("rings", {}).get(edge, 0)
+            rings[edge] = {"in_use": used, "n_slots": spec.n_slots if spec else 0,
+                           "slot_bytes": spec.slot_bytes if spec else 0}
+        return {"sessions": sessions, "max_sessions": self.limits.max_sessions, "turns_in_flight": flying,
+                "stages": stages, "rings": rings, "errors": self._errors, "ready": self._ready.is_set(),
+                "stopped": self._stopped.is_set()}
+
+    def send_raw(self, stage: str, frames: list[bytes]) -> None:
+        """Send raw frames to a worker's control socket: fault injection and debugging (a worker must survive
+        anything that arrives there)."""
+        self._command(_Send((stage,), list(frames)))
+
+    # -- helpers for user threads -----------------------------------------------------------------------------
+    def _get(self, session_id: str) -> _Session:
+        s = self._sessions.get(session_id)
+        if s is None:
+            raise EngineError("unknown_session", f"no open session {session_id!r}")
+        return s
+
+    def _check_running(self) -> None:
+        if self._stopped.is_set() or not self._ready.is_set():
+            raise EngineError("stopped", "the engine is not running")
+        failed = self._sup.failed()
+        if failed:
+            raise EngineError("stage_failed", "; ".join(failed.values()))
+
+    def _forget(self, s: _Session) -> None:
+        with self._lock:
+            self._sessions.pop(s.user_id, None)
+            self._by_key.pop(s.key, None)
+        self._broadcast(CloseSession(s.key))
+
+    def _broadcast(self, msg) -> None:
+        """`msg` to every worker, from any thread (the loop thread sends it)."""
+        self._command(_Send(STAGES, protocol.encode(msg)))
+
+    def _command(self, cmd: _Send | _Stop) -> None:
+        self._commands.put(cmd)
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full of wake-ups already, or closed at shutdown
+
+    def _put_asr(self, msg: EngineToAsr) -> None:
+        with self._asr_lock:
+            while True:
+                self._check_running()
+                if self._reclaim_asr.is_set():
+                    self._reclaim_asr.clear()
+                    self._asr_in.reclaim()
+                try:
+                    self._asr_in.put(msg, timeout=0.2)
+                    return
+                except ring.RingTimeout:
+                    continue  # the ASR is behind: wait for a credit (backpressure on the caller)
+
+    # -- the loop thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._ctl, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        for c in self._outs.values():
+            poller.register(c.socket, zmq.POLLIN)
+        try:
+            while True:
+                # 1. wait for a worker's message, an output, or a user thread's wake-up
+                ready = dict(poller.poll(50))
+                if self._wake_r in ready:
+                    _read_all(self._wake_r)
+                # 2. what user threads asked for
+                if not self._run_commands():
+                    return
+                # 3. what workers said, and what they produced
+                if self._ctl in ready:
+                    while self._ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        self._on_control(self._ctl.recv_multipart(zmq.NOBLOCK))
+                for c in self._outs.values():
+                    if c.socket in ready:
+                        self._drain_out(c)
+                # 4. health
+                for stage, why in self._sup.check():
+                    self._on_lost(stage, why)
+                if not self._ready.is_set() and self._sup.all_ready():
+                    self._ready.set()
+        except Exception:
+            log.exception("engine loop failed")
+            raise
+        finally:
+            self._teardown()
+
+    def _run_commands(self) -> bool:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+            if isinstance(cmd, _Stop):
+                return False
+            for stage in cmd.stages:
+                self._send(stage, cmd.frames)
+
+    def _send(self, stage: str, frames: list) -> bool:
+        try:
+            self._ctl.send_multipart([stage.encode(), *frames], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:  # not connected (starting or restarting): re-opened when it is ready
+            log.debug("%s: control message not delivered: %s", stage, e)
+            return False
+
+    def _on_control(self, frames) -> None:
+        ident, body = frames[0].decode(errors="replace"), frames[1:]
+        try:
+            msg = protocol.decode(body)
+        except ProtocolError as e:
+            log.warning("malformed control message from %r: %s", ident, e)
+            return
+        if isinstance(msg, Heartbeat):
+            self._sup.beat(msg)
+        elif isinstance(msg, WorkerReady):
+            self._sup.ready(msg.stage)
+            if msg.stage in self._replay:
+                self._replay.discard(msg.stage)
+                self._reopen(msg.stage)
+        elif isinstance(msg, SessionAck):
+            with self._lock:
+                ack = self._acks.get(msg.session_id)
+                if ack is not None:
+                    if msg.error:
+                        ack.errors.append(f"{msg.stage}: {msg.error}")
+                    ack.left.discard(msg.stage)
+                    if not ack.left:
+                        ack.done.set()
+        elif isinstance(msg, StageError):
+            self._errors += 1
+            if not msg.session_ids:
+                log.warning("%s worker: %s: %s", msg.stage, msg.code, msg.message)
+            turns = msg.turns if len(msg.turns) == len(msg.session_ids) else [None] * len(msg.session_ids)
+            with self._lock:
+                for key, turn in zip(msg.session_ids, turns):
+                    s = self._by_key.get(key)
+                    if s is not None and s.turn is not None and turn in (None, s.turn.number):
+                        self._fail_turn(s, msg.code, f"{msg.stage}: {msg.message}")
+
+    def _drain_out(self, consumer: ring.Consumer) -> None:
+        while True:
+            try:
+                msg, _ = consumer.recv(timeout=0, copy=True)
+            except ring.RingTimeout:
+                return
+            except ProtocolError as e:
+                log.warning("malformed message on %r: %s", consumer.edge, e)
+                continue
+            with self._lock:
+                self._route(msg)
+
+    def _route(self, msg: LlmToEngine | TtsToEngine | VocoderToEngine) -> None:
+        for i, key in enumerate(msg.session_ids):
+            s = self._by_key.get(key)
+            if s is None or s.turn is None or s.turn.number != msg.turns[i]:
+                continue  # a closed session, or a turn that was cancelled or failed
+            t, uid = s.turn, s.user_id
+            if isinstance(msg, LlmToEngine):
+                events = t.on_text(uid, msg.token_ids[i], msg.texts[i], msg.finish_reasons[i],
+                                   msg.asr_t[i] if msg.asr_t else 0.0)
+            elif isinstance(msg, TtsToEngine):
+                events = t.on_units(uid, msg.units[i], msg.finals[i])
+            elif isinstance(msg, VocoderToEngine):
+                events = t.on_audio(uid, msg.pcm[i], msg.finals[i], msg.sample_rate, msg.in_t[i] if msg.in_t else 0.0)
+            else:
+                log.warning("unexpected %s on an output ring", type(msg).__name__)
+                return
+            for ev in events:
+                self._emit(s, ev)
+            if t.done():
+                s.turn = None
+                self._emit(s, t.finish(uid))
+
+    def _emit(self, s: _Session, ev: Event) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(s.user_id, ev)
+            except Exception:
+                log.exception("on_event callback failed")
+        else:
+            s.events.put(ev)
+
+    def _fail_turn(self, s: _Session, code: str, message: str, broadcast: bool = True) -> None:
+        turn, s.turn = s.turn, None
+        if turn is None:
+            return
+        self._emit(s, ErrorEvent(s.user_id, code, message, time.perf_counter()))
+        if broadcast:
+            self._broadcast(CancelSession(s.key, turn.number))
+
+    # -- losing and regaining a worker (loop thread) -----------------------------------------------------------
+    def _on_lost(self, stage: str, why: str) -> None:
+        edge = inputs_of(stage)[0]
+        producer = EDGES[edge][0]
+        if producer == ENGINE:
+            self._reclaim_asr.set()
+        else:
+            self._send(producer, protocol.encode(RingReset(edge)))
+        with self._lock:
+            for s in list(self._by_key.values()):
+                if s.turn is not None and s.turn.held_by(stage):
+                    self._fail_turn(s, "worker_crashed", f"the {stage} worker {why}; this turn was lost "
+                                    "(the worker is being restarted; the session stays open)")
+        if self._sup.restart(stage):
+            self._replay.add(stage)
+        else:
+            with self._lock:
+                for s in list(self._by_key.values()):
+                    self._fail_turn(s, "stage_failed", self._sup.failed()[stage])
+
+    def _reopen(self, stage: str) -> None:
+        """A replacement worker knows no session: open each again, and drop whatever of their past turns is
+        still in flight towards it."""
+        with self._lock:
+            for s in self._by_key.values():
+                self._send(stage, protocol.encode(to_wire(s.key, s.options)))
+                last = (s.turn.number if s.turn is not None else s.next_turn) - 1
+                if last >= 0:
+                    self._send(stage, protocol.encode(CancelSession(s.key, last)))
+
+    def _teardown(self) -> None:
+        """Stop workers, close sockets and rings, sweep the engine's names out of /dev/shm and the temp dir."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self._sup is not None:
+            if self._ctl is not None:
+                for stage in STAGES:
+                    self._send(stage, protocol.encode(Shutdown("engine stopping")))
+            self._sup.stop()
+        for c in self._outs.values():
+            c.close()
+        if self._asr_in is not None:
+            self._asr_in.close()
+        if self._ctl is not None:
+            self._ctl.close(linger=0)
+        self._ctx.destroy(linger=0)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shm.sweep(self.prefix, self.ipc_dir)
+        log.info("engine stopped")
+
+
+def _read_all(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

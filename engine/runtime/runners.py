@@ -1,0 +1,353 @@
+"""Stage runners: what a worker process drives. Each one wraps a stage object (stages/*.py) and translates the
+wire messages of wire/protocol.py into its calls and back, so the stage itself never sees a process or a socket.
+
+A runner keeps, per session, the turn it is working on. Data of a turn that was cancelled (or of a session
+that is gone) is dropped on arrival, and the first data of a newer turn ends whatever the session was still
+doing — so a CancelSession overtaken by data, or data overtaken by a CancelSession, both come out right.
+Failures that concern one session are collected in `failures` (the worker reports them as StageError); an
+exception out of `step` concerns every session in `active()`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omni2.engine.checkpoints.model_dir import ModelDir
+from omni2.engine.config import STAGES, Limits, SamplingParams, SessionOptions, TTSOptions, VocoderOptions
+from omni2.engine.runtime.topology import MAX_PCM_ROW
+from omni2.engine.wire.protocol import (
+    AsrToLlm,
+    EngineToAsr,
+    LlmToEngine,
+    LlmToTts,
+    OpenSession,
+    TtsToEngine,
+    TtsToVocoder,
+    VocoderToEngine,
+)
+from omni2.stages.asr import ASRStage
+from omni2.stages.llm import LLMError, LLMStage, LLMTurn
+from omni2.stages.tts import TTSInput, TTSStage
+from omni2.stages.vocoder import VocoderInput, VocoderStage
+
+
+def to_wire(session_id: str, o: SessionOptions) -> OpenSession:
+    a, b = o.sampling, o.tts_sampling
+    return OpenSession(session_id, o.voice, o.seed, a.temperature, a.top_k, a.top_p, b.temperature, b.top_k,
+                       b.top_p, o.max_new_tokens)
+
+
+def from_wire(m: OpenSession) -> SessionOptions:
+    return SessionOptions(m.voice, m.seed, SamplingParams(m.temperature, m.top_k, m.top_p),
+                          SamplingParams(m.tts_temperature, m.tts_top_k, m.tts_top_p), m.max_new_tokens)
+
+
+def _host(x: torch.Tensor) -> torch.Tensor:
+    # On a GPU the copy is queued on the stage's stream into pinned memory; the worker's sender waits on an event
+    # recorded after the step before it reads the bytes, so compute of the next step overlaps the transfer.
+    return x.detach().to("cpu", non_blocking=x.is_cuda)
+
+
+@dataclass
+class Failure:
+    session_id: str
+    turn: int
+    code: str
+    message: str
+
+
+class Runner:
+    """Per-session turn bookkeeping shared by the four runners."""
+
+    stage = ""
+
+    def __init__(self):
+        self.options: dict[str, SessionOptions] = {}
+        self.turn: dict[str, int] = {}  # the turn each session is on (-1 = none yet)
+        self.dropped: dict[str, int] = {}  # highest cancelled turn per session
+        self.failures: list[Failure] = []
+
+    # -- lifecycle (called by the worker between steps) ----------------------------------------------------
+    def open(self, m: OpenSession) -> None:
+        opts = from_wire(m)
+        self._open(m.session_id, opts)
+        self.options[m.session_id] = opts
+        self.turn[m.session_id], self.dropped[m.session_id] = -1, -1
+
+    def close(self, session_id: str) -> None:
+        if self.options.pop(session_id, None) is not None:
+            self._close(session_id)
+        self.turn.pop(session_id, None)
+        self.dropped.pop(session_id, None)
+
+    def cancel(self, session_id: str, turn: int) -> None:
+        if session_id not in self.options:
+            return
+        self.dropped[session_id] = max(self.dropped[session_id], turn)
+        if self.turn[session_id] <= turn:
+            self._cancel(session_id)
+
+    def accept(self, session_id: str, turn: int) -> bool:
+        """Should data of (session, turn) be used? Starts the turn if it is new."""
+        if session_id not in self.options or turn <= self.dropped[session_id]:
+            return False
+        if turn > self.turn[session_id]:
+            if self.turn[session_id] >= 0:
+                self._cancel(session_id)  # a newer turn means the old one is over, whatever is left of it
+            self.turn[session_id] = turn
+        return turn == self.turn[session_id]
+
+    def fail(self, session_id: str, code: str, message: str) -> None:
+        self.failures.append(Failure(session_id, self.turn.get(session_id, -1), code, message))
+        self.cancel(session_id, self.turn.get(session_id, -1))
+
+    # -- what subclasses provide ---------------------------------------------------------------------------
+    def _open(self, session_id: str, options: SessionOptions) -> None: ...
+    def _close(self, session_id: str) -> None: ...
+    def _cancel(self, session_id: str) -> None: ...
+    def feed(self, msg: object) -> None: raise NotImplementedError
+    def ready(self) -> bool: raise NotImplementedError
+    def step(self) -> list[tuple[str, object]]: raise NotImplementedError
+    def active(self) -> list[str]: return list(self.options)
+
+
+class AsrRunner(Runner):
+    stage = "asr"
+
+    def __init__(self, asr, limits: Limits, max_batch: int = 4):
+        super().__init__()
+        self.asr, self.limits, self.max_batch = asr, limits, max_batch
+        self.parts: dict[str, list] = {}  # audio of a turn not yet complete
+        self.queue: list[tuple[str, int, object]] = []  # complete turns, in arrival order
+
+    def _open(self, sid, options):
+        self.asr.open(sid)
+
+    def _close(self, sid):
+        self._cancel(sid)
+        self.asr.close(sid)
+
+    def _cancel(self, sid):
+        self.parts.pop(sid, None)
+        self.queue = [q for q in self.queue if q[0] != sid]
+
+    def feed(self, msg: EngineToAsr) -> None:
+        for sid, turn, audio, end in zip(msg.session_ids, msg.turns, msg.audio, msg.ends):
+            if not self.accept(sid, turn):
+                continue
+            self.parts.setdefault(sid, []).append(np.array(audio, dtype=np.float32))
+            if end:
+                self.queue.append((sid, turn, np.concatenate(self.parts.pop(sid))))
+
+    def ready(self) -> bool:
+        return bool(self.queue)
+
+    def active(self) -> list[str]:
+        return [q[0] for q in self.queue[: self.max_batch]]
+
+    def step(self):
+        batch, rest = [], []
+        for q in self.queue:  # one turn per session per step, oldest first
+            taken = q[0] in (b[0] for b in batch) or len(batch) == self.max_batch
+            (rest if taken else batch).append(q)
+        self.queue = rest
+        out = self.asr.step([(sid, audio) for sid, _, audio in batch])
+        return [("asr_llm", AsrToLlm([sid for sid, _, _ in batch], [t for _, t, _ in batch],
+                                     [_host(emb) for _, emb in out],
+                                     [self.options[sid].max_new_tokens for sid, _, _ in batch], time.perf_counter()))]
+
+
+class LlmRunner(Runner):
+    stage = "llm"
+
+    def __init__(self, llm):
+        super().__init__()
+        self.llm = llm
+        self.new: list = []  # LLMTurns admitted since the last step
+        self.asr_t: dict[str, float] = {}  # when the turn's speech left the ASR, until its first token is out
+
+    def _open(self, sid, options):
+        sampling, _ = options.seeded()
+        self.llm.open(sid, sampling)
+
+    def _close(self, sid):
+        self.llm.close(sid)
+
+    def _cancel(self, sid):
+        self.llm.cancel(sid)
+        self.asr_t.pop(sid, None)
+
+    def feed(self, msg: AsrToLlm) -> None:
+        for sid, turn, speech, max_new in zip(msg.session_ids, msg.turns, msg.speech, msg.max_new_tokens):
+            if not self.accept(sid, turn):
+                continue
+            try:
+                self.llm.admit(LLMTurn(sid, speech.clone(), max_new))
+            except LLMError as e:
+                self.fail(sid, "llm_refused", str(e))
+                continue
+            self.asr_t[sid] = msg.t
+
+    def ready(self) -> bool:
+        return self.llm.busy()
+
+    def active(self) -> list[str]:
+        return [sid for sid, s in self.llm.sessions.items() if s.pending is not None or s.detok is not None]
+
+    def step(self):
+        toks = self.llm.step()
+        if not toks:
+            return []
+        now = time.perf_counter()
+        sids = [t.session_id for t in toks]
+        turns = [self.turn[s] for s in sids]
+        asr_t = [self.asr_t.pop(s, 0.0) for s in sids]
+        ids = [t.token_id for t in toks]
+        hidden = _host(torch.stack([t.hidden for t in toks]))
+        finished = [t.finished for t in toks]
+        # Text first: a client sees the words no later than the units made from them.
+        return [("llm_out", LlmToEngine(sids, turns, ids, [t.text for t in toks], [t.finish_reason for t in toks],
+                                        now, asr_t)),
+                ("llm_tts", LlmToTts(sids, turns, ids, hidden, finished, now))]
+
+
+class TtsRunner(Runner):
+    stage = "tts"
+
+    def __init__(self, tts):
+        super().__init__()
+        self.tts = tts
+        self.inputs: list = []
+        self.chunk: dict[str, list[int]] = {}  # units of the chunk being written
+
+    def _open(self, sid, options):
+        _, sampling = options.seeded()
+        self.tts.open(sid, sampling)
+
+    def _close(self, sid):
+        self.tts.close(sid)
+        self._drop(sid)
+
+    def _cancel(self, sid):
+        self.tts.cancel(sid)
+        self._drop(sid)
+
+    def _drop(self, sid):
+        self.chunk.pop(sid, None)
+        self.inputs = [x for x in self.inputs if x.session_id != sid]
+
+    def feed(self, msg: LlmToTts) -> None:
+        for b, (sid, turn, tok, fin) in enumerate(zip(msg.session_ids, msg.turns, msg.token_ids, msg.finished)):
+            if self.accept(sid, turn):
+                self.inputs.append(TTSInput(sid, [tok], msg.hidden[b: b + 1].clone(), fin))
+
+    def ready(self) -> bool:
+        return bool(self.inputs) or self.tts.ready()
+
+    def active(self) -> list[str]:
+        writing = {sid for sid, s in self.tts.sessions.items() if s.budget}
+        return sorted({x.session_id for x in self.inputs} | writing)
+
+    def step(self):
+        inputs, self.inputs = self.inputs, []
+        done_sids, units, finals = [], [], []
+        for t in self.tts.step(inputs):
+            chunk = self.chunk.setdefault(t.session_id, [])
+            if t.unit is not None:
+                chunk.append(t.unit)
+            # A chunk goes out when it ends, and a long one (the final chunk may write up to 1024 units) every
+            # W units on the way, so the vocoder can start on it.
+            if t.chunk_end or len(chunk) >= self.tts.stream.write:
+                done_sids.append(t.session_id)
+                units.append(self.chunk.pop(t.session_id))
+                finals.append(t.done)  # never set before the chunk's end
+        if not done_sids:
+            return []
+        now, turns = time.perf_counter(), [self.turn[s] for s in done_sids]
+        return [("tts_out", TtsToEngine(done_sids, turns, units, finals, now)),
+                ("tts_voc", TtsToVocoder(list(done_sids), list(turns), [list(u) for u in units], list(finals), now))]
+
+
+class VocoderRunner(Runner):
+    stage = "vocoder"
+
+    def __init__(self, vocoder):
+        super().__init__()
+        self.vocoder = vocoder
+        self.pending: dict[str, list] = {}  # sid -> [units, final, t of the newest units]
+
+    def _open(self, sid, options):
+        self.vocoder.open(sid, options.voice, seed=options.vocoder_seed)
+
+    def _close(self, sid):
+        self.vocoder.close(sid)
+        self.pending.pop(sid, None)
+
+    def _cancel(self, sid):
+        self.vocoder.cancel(sid)
+        self.pending.pop(sid, None)
+
+    def feed(self, msg: TtsToVocoder) -> None:
+        for sid, turn, units, final in zip(msg.session_ids, msg.turns, msg.units, msg.finals):
+            if self.accept(sid, turn):
+                p = self.pending.setdefault(sid, [[], False, msg.t])
+                p[0].extend(units)
+                p[1] = p[1] or final
+                p[2] = msg.t
+
+    def ready(self) -> bool:
+        return bool(self.pending)
+
+    def active(self) -> list[str]:
+        return list(self.pending)
+
+    def step(self):
+        # At most one hop of new units per session per step: a long backlog (the final chunk can hold 1024
+        # units) then streams out hop by hop, interleaved with other sessions, instead of in one long step.
+        # The stage voices the same hops either way, so the PCM is the same.
+        pending, inputs = {}, []
+        for sid, (units, final, t) in list(self.pending.items()):
+            take = units[: self.vocoder.hop]
+            rest = units[len(take):]
+            inputs.append(VocoderInput(sid, take, final and not rest))
+            pending[sid] = (take, final and not rest, t)
+            if rest:
+                self.pending[sid] = [rest, final, t]
+            else:
+                del self.pending[sid]
+        outs = self.vocoder.step(inputs)
+        sids, pcm, finals = [], [], []
+        for o in outs:
+            if not (o.pcm.size or o.final):
+                continue
+            # A long final flush becomes several rows, so that every row fits a ring slot on its own.
+            n = max(1, -(-o.pcm.size // MAX_PCM_ROW))
+            for i in range(n):
+                sids.append(o.session_id)
+                pcm.append(o.pcm[i * MAX_PCM_ROW: (i + 1) * MAX_PCM_ROW])
+                finals.append(o.final and i == n - 1)
+        if not sids:
+            return []
+        return [("voc_out", VocoderToEngine(sids, [self.turn[s] for s in sids], pcm, finals,
+                                            self.vocoder.sample_rate, time.perf_counter(),
+                                            [pending[s][2] for s in sids]))]
+
+
+def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: torch.dtype, limits: Limits,
+          tts_options: TTSOptions = TTSOptions(), vocoder_options: VocoderOptions = VocoderOptions(),
+          asr_batch: int = 4) -> Runner:
+    """Load one stage from the official directories and wrap it."""
+    if stage == "vocoder":
+        return VocoderRunner(VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options,
+                                                          device=device, dtype=dtype))
+    md = ModelDir(model_dir)
+    if stage == "asr":
+        return AsrRunner(ASRStage.from_checkpoint(md, device=device, dtype=dtype), limits, asr_batch)
+    if stage == "llm":
+        return LlmRunner(LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype))
+    if stage == "tts":
+        return TtsRunner(TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype))
+    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

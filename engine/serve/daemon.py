@@ -1,0 +1,69 @@
+"""`omni2-engine serve`: the daemon process. Bind the front door, start the engine, serve until SIGINT/SIGTERM,
+then stop cleanly (replies in flight end with an error event, workers stop, shared memory is released).
+
+Order matters: the bind is taken before minutes of model loading, so a taken port fails at once; requests that
+arrive while the engine loads wait in the socket. The command line (cli/main.py) turns its options into the two
+configs and picks the model (the demo checkpoint when none is given).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import zmq
+
+from omni2.engine.config import ConfigError, EngineConfig, ServerConfig
+from omni2.engine.runtime import Engine
+from omni2.engine.serve.front_door import FrontDoor
+
+log = logging.getLogger("omni2.serve")
+
+
+def serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
+    """Bind, start the engine, serve until SIGINT/SIGTERM, shut down cleanly; returns the exit status."""
+    server = FrontDoor(cfg)
+    engine = Engine(engine_cfg, on_event=server.on_event)
+
+    class _Interrupted(Exception):
+        pass
+
+    def during_start(signum, frame):  # the engine is loading: abandon the start, stop what was started
+        raise _Interrupted(signal.Signals(signum).name)
+
+    def while_serving(signum, frame):
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        server.stop()
+
+    # Bind first: a taken port fails in a second, not after minutes of model loading. Requests that arrive
+    # while the engine loads wait in the socket and are answered once it is ready.
+    try:
+        endpoint = server.bind()
+    except zmq.ZMQError as e:
+        server.close()
+        raise ConfigError(f"cannot bind {cfg.bind}: {e}") from None
+    old = {sig: signal.signal(sig, during_start) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        log.info("listening on %s; starting the engine's workers (placement %s) ...", endpoint,
+                 engine_cfg.placement)
+        t0 = time.monotonic()
+        engine.start()
+        log.info("engine ready in %.1f s; voices: %s", time.monotonic() - t0, ", ".join(engine.voices()))
+        for sig in old:
+            signal.signal(sig, while_serving)
+        log.info("ready on %s%s", endpoint, "" if cfg.token is None else " (token required)")
+        server.run(engine)  # returns after stop(); stops the engine
+    except _Interrupted as e:
+        log.info("%s during start-up: stopping", e)
+        engine.stop()
+        server.close()
+    except BaseException:
+        server.close()  # the engine cleaned up after itself (Engine.start stops what it started)
+        raise
+    finally:
+        # Not the old handlers: a second SIGTERM while the process winds down would kill it with -15 after
+        # a clean stop. Once stopped, further signals are only noted.
+        for sig in old:
+            signal.signal(sig, lambda signum, frame: log.info("%s: already stopping", signal.Signals(signum).name))
+    log.info("stopped")
+    return 0

@@ -1,0 +1,280 @@
+"""The multi-process engine against the single-process reference: same text, units and PCM, for one session,
+eight at once and two turns; cancellation; a stalled consumer; malformed input reaching a worker.
+
+One engine serves the whole module (starting four workers costs seconds); `make test` (--dist loadfile) keeps
+the module on one test process.
+"""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from omni2.engine.cli.generate import run_turn, session_options
+from omni2.engine.config import EngineConfig, Limits
+from omni2.engine.reference import ReferencePipeline
+from omni2.engine.runtime import Engine, EngineError
+from omni2.engine.wire.protocol import AudioDelta, ErrorEvent, TextDelta, TurnDone, UnitChunk
+
+LIMITS = Limits(max_sessions=8, max_new_tokens=6)
+
+
+class StallableEngine(Engine):
+    """An Engine whose loop can be told to stop reading the vocoder's output ring (the pipeline's tail stalls)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stall_tail = threading.Event()
+
+    def _drain_out(self, consumer):
+        if consumer.edge == "voc_out" and self.stall_tail.is_set():
+            time.sleep(0.005)  # leave it unread; the doorbell stays ready, so do not spin the loop
+            return
+        super()._drain_out(consumer)
+
+
+def speech(seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(16000 * (1 + seed % 3)) * 0.1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt, tiny_vocoder):
+    # Two slots per ring: every test also runs under constant backpressure. Hang detection is relaxed here (a
+    # loaded CI box must not cost a worker); test_runtime_faults.py holds it to the 1 s default.
+    eng = StallableEngine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), limits=LIMITS, ring_slots=2, hang_s=5.0,
+                                       threads=1)).start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_ckpt, tiny_vocoder):
+    return ReferencePipeline(tiny_ckpt, tiny_vocoder, limits=LIMITS)
+
+
+def reply(events):
+    """(text, token_ids, units, pcm, TurnDone) of one turn's events, checking their order on the way."""
+    assert events and isinstance(events[-1], TurnDone), events[-1:]
+    assert not any(isinstance(e, (TurnDone, ErrorEvent)) for e in events[:-1])
+    done = events[-1]
+    audio = [e for e in events if isinstance(e, AudioDelta)]
+    assert audio and audio[-1].final and not any(a.final for a in audio[:-1])
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    units = [u for e in events if isinstance(e, UnitChunk) for u in e.units]
+    assert text == done.text and units == done.units
+    return text, done.token_ids, units, np.concatenate([a.pcm for a in audio]), done
+
+
+def assert_same(events, expected):
+    text, ids, units, pcm, done = reply(events)
+    assert ids == expected.token_ids
+    assert text == expected.text
+    assert units == expected.units
+    assert np.array_equal(pcm, expected.pcm)  # bit-exact: same ops on the same numbers, in another process
+    assert done.finish_reason == expected.finish_reason
+
+
+@pytest.mark.parametrize("greedy,seed", [(True, 0), (False, 5)])
+def test_one_session_equals_the_reference(engine, ref, greedy, seed):
+    opts = session_options(seed=seed, greedy=greedy)
+    expected = run_turn(ref, speech(seed), 16000, opts)
+    engine.open("one", opts)
+    try:
+        events = list(engine.turn("one", speech(seed), timeout=60))
+    finally:
+        engine.close("one")
+    assert_same(events, expected)
+    t = events[-1].timings
+    assert 0 < t["t_asr"] <= t["t_llm"] <= t["total"]
+    assert t["t_tts"] <= t["first_audio"] <= t["total"]
+
+
+def test_eight_concurrent_sessions_each_equal_the_reference(engine, ref):
+    cases = [(f"c{i}", speech(i), session_options(seed=i, greedy=i % 2 == 0)) for i in range(8)]
+    expected = {sid: run_turn(ref, audio, 16000, opts) for sid, audio, opts in cases}
+    for sid, _, opts in cases:
+        engine.open(sid, opts)
+    try:
+        for sid, audio, _ in cases:  # all eight in flight together, batched in every stage
+            engine.submit(sid, audio)
+        got = {sid: list(engine.events(sid, timeout=120)) for sid, _, _ in cases}
+    finally:
+        for sid, _, _ in cases:
+            engine.close(sid)
+    for sid, _, _ in cases:
+        assert_same(got[sid], expected[sid])
+    assert max(engine.status()["stages"]["llm"]["last_batch"], 1) >= 1
+
+
+def test_two_turns_keep_the_conversation(engine, ref):
+    opts = session_options(seed=3, greedy=True)
+    ref.open("r", opts)
+    try:
+        want = [list(ref.turn("r", speech(s))) for s in (3, 4)]
+    finally:
+        ref.close("r")
+    engine.open("m", opts)
+    try:
+        got = [list(engine.turn("m", speech(s), timeout=60)) for s in (3, 4)]
+    finally:
+        engine.close("m")
+    for g, w in zip(got, want):
+        assert reply(g)[:3] == reply(w)[:3]
+        assert np.array_equal(reply(g)[3], reply(w)[3])
+
+
+def test_session_errors_are_clear(engine):
+    engine.open("e", session_options())
+    try:
+        with pytest.raises(EngineError) as e:
+            engine.open("e", session_options())
+        assert e.value.code == "session_exists"
+        with pytest.raises(EngineError) as e:
+            engine.commit("e")
+        assert e.value.code == "bad_audio"
+        with pytest.raises(EngineError) as e:
+            engine.submit("e", np.full(16000, np.nan, np.float32))
+        assert e.value.code == "bad_audio"
+        with pytest.raises(EngineError) as e:
+            engine.append("e", np.zeros(16000 * 31, np.float32), 16000)
+        assert e.value.code == "too_long"
+    finally:
+        engine.close("e")
+    with pytest.raises(EngineError) as e:
+        engine.open("v", session_options(voice="nobody"))
+    assert e.value.code == "unknown_voice"
+    with pytest.raises(EngineError) as e:
+        engine.submit("ghost", speech(0))
+    assert e.value.code == "unknown_session"
+    sids = [f"full{i}" for i in range(LIMITS.max_sessions)]
+    for sid in sids:
+        engine.open(sid, session_options())
+    try:
+        with pytest.raises(EngineError) as e:
+            engine.open("one-too-many", session_options())
+        assert e.value.code == "too_many_sessions"
+    finally:
+        for sid in sids:
+            engine.close(sid)
+
+
+def test_cancel_mid_reply_stops_every_stage_and_frees_the_session(engine, ref):
+    engine.open("long", session_options(seed=2))  # seed 2 samples a ~1000-unit reply
+    engine.submit("long", speech(2))
+    seen = []
+    for ev in engine.events("long", timeout=60):
+        seen.append(ev)
+        if isinstance(ev, AudioDelta) and ev.pcm.size:
+            engine.cancel("long")
+    assert not any(isinstance(e, TurnDone) for e in seen)
+    time.sleep(1.0)
+    assert engine._sessions["long"].events.empty()  # nothing of the cancelled turn arrived afterwards
+    stages = engine.status()["stages"]
+    steps = {s: stages[s]["steps"] for s in ("tts", "vocoder")}
+    time.sleep(0.6)
+    stages = engine.status()["stages"]
+    assert {s: stages[s]["steps"] for s in ("tts", "vocoder")} == steps  # no stage works on it any more
+    engine.close("long")
+    # Its slots are free: a full house of new sessions opens, and a turn on one of them is right.
+    sids = [f"after{i}" for i in range(LIMITS.max_sessions)]
+    for sid in sids:
+        engine.open(sid, session_options(seed=1, greedy=True))
+    try:
+        expected = run_turn(ref, speech(1), 16000, session_options(seed=1, greedy=True))
+        assert_same(list(engine.turn(sids[-1], speech(1), timeout=60)), expected)
+    finally:
+        for sid in sids:
+            engine.close(sid)
+
+
+def test_a_stalled_consumer_blocks_its_producers_with_bounded_memory(engine, ref):
+    cases = [("stall-a", 6, session_options(seed=6)), ("stall-b", 7, session_options(seed=7))]
+    expected = {sid: run_turn(ref, speech(s), 16000, o) for sid, s, o in cases}
+    for sid, _, o in cases:
+        engine.open(sid, o)
+    engine.stall_tail.set()  # the engine stops reading the vocoder's output ring
+    try:
+        for sid, s, _ in cases:
+            engine.submit(sid, speech(s))
+        n = engine.status()["rings"]["voc_out"]["n_slots"]
+        deadline = time.monotonic() + 60
+        while engine.status()["rings"]["voc_out"]["in_use"] < n:
+            assert time.monotonic() < deadline, engine.status()["rings"]
+            time.sleep(0.1)
+        # The vocoder fills its few queued sends, then blocks on credits: its step count stops moving.
+        steps, before = engine.status()["stages"]["vocoder"]["steps"], -1
+        while steps != before:
+            assert time.monotonic() < deadline, "the vocoder never blocked"
+            time.sleep(1.0)
+            before, steps = steps, engine.status()["stages"]["vocoder"]["steps"]
+        status = engine.status()
+        assert status["rings"]["voc_out"]["in_use"] == n
+        assert status["stages"]["vocoder"]["alive"] and status["stages"]["vocoder"]["restarts"] == 0
+        for edge, r in status["rings"].items():
+            assert r["in_use"] <= r["n_slots"], edge
+    finally:
+        engine.stall_tail.clear()
+    try:
+        for sid, _, _ in cases:
+            assert_same(list(engine.events(sid, timeout=120)), expected[sid])  # nothing lost or reordered
+    finally:
+        for sid, _, _ in cases:
+            engine.close(sid)
+
+
+def test_malformed_messages_get_errors_and_never_crash_a_worker(engine, ref):
+    pids = {s: w["pid"] for s, w in engine.status()["stages"].items()}
+    errors = engine.status()["errors"]
+    bad = [[b"\x99", b"x"], [b"\x10"], [b"\x20", b"\xc1"], [b"\x40", b"\x94\x01\x02\x03\x04"], [b"", b""]]
+    for stage in pids:
+        for frames in bad:
+            engine.send_raw(stage, frames)
+    with engine._asr_lock:  # straight onto the ASR's input ring, past the engine's own checks
+        for frames in bad:
+            engine._asr_in._data.send_multipart(frames)
+    deadline = time.monotonic() + 10
+    while engine.status()["errors"] < errors + len(bad) * (len(pids) + 1):
+        assert time.monotonic() < deadline, engine.status()["errors"] - errors
+        time.sleep(0.05)
+    assert {s: w["pid"] for s, w in engine.status()["stages"].items()} == pids
+    opts = session_options(seed=0, greedy=True)
+    engine.open("after-fuzz", opts)
+    try:
+        assert_same(list(engine.turn("after-fuzz", speech(0), timeout=60)), run_turn(ref, speech(0), 16000, opts))
+    finally:
+        engine.close("after-fuzz")
+
+
+def test_streamed_chunks_at_another_rate_equal_one_whole_turn(engine, ref):
+    opts = session_options(seed=1, greedy=True)
+    pcm16 = (speech(1) * 20000).astype(np.int16)
+    audio48 = np.repeat(pcm16, 3)  # PCM16 at 48 kHz, resampled by the engine exactly as by the reference
+    expected = run_turn(ref, audio48, 48000, opts)
+    engine.open("chunks", opts)
+    try:
+        for part in np.array_split(audio48, 5):
+            engine.append("chunks", part, 48000)
+        engine.commit("chunks")
+        assert_same(list(engine.events("chunks", timeout=60)), expected)
+    finally:
+        engine.close("chunks")
+
+
+def test_a_conversation_past_the_context_limit_is_refused_clearly(engine):
+    engine.open("chatty", session_options(seed=0, greedy=True))
+    try:
+        turns = 0
+        while turns < LIMITS.max_context // 300 + 2:  # each turn adds 300 speech rows and its answer
+            last = list(engine.turn("chatty", speech(0), timeout=60))[-1]
+            turns += 1
+            if isinstance(last, ErrorEvent):
+                break
+            assert isinstance(last, TurnDone) and last.finish_reason in ("length", "stop", "context")
+        assert isinstance(last, ErrorEvent) and last.code == "llm_refused", last
+        assert "context limit" in last.message and turns >= 10
+        # The refusal changed nothing: the session is still open and the engine serves others.
+        with pytest.raises(EngineError) as e:
+            engine.open("chatty", session_options())
+        assert e.value.code == "session_exists"
+    finally:
+        engine.close("chatty")

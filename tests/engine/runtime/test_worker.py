@@ -1,0 +1,37 @@
+"""Pieces of the worker loop that need no process: splitting a batch that does not fit a slot, and refusing
+parallel lists that are not parallel."""
+import numpy as np
+import pytest
+import torch
+
+from omni2.engine.runtime.worker import check_rows, split_rows
+from omni2.engine.wire.codec import ProtocolError
+from omni2.engine.wire.protocol import LlmToTts, VocoderToEngine
+
+
+def test_split_rows_halves_lists_and_tensors_together():
+    msg = LlmToTts(["a", "b", "c"], [0, 1, 2], [7, 8, 9], torch.arange(6.0).reshape(3, 2), [False, True, False], 1.5)
+    first, second = split_rows(msg)
+    assert first.session_ids == ["a"] and second.session_ids == ["b", "c"]
+    assert first.token_ids == [7] and second.finished == [True, False]
+    assert torch.equal(torch.cat([first.hidden, second.hidden]), msg.hidden)
+    assert first.t == second.t == 1.5
+    assert split_rows(LlmToTts(["a"], [0], [1], torch.zeros(1, 2), [True], 0.0)) is None
+
+
+def test_split_rows_keeps_an_empty_optional_list_whole():
+    pcm = [np.ones(4, np.float32), np.zeros(2, np.float32)]
+    a, b = split_rows(VocoderToEngine(["x", "y"], [0, 0], pcm, [False, True], 24000, 2.0))
+    assert a.in_t == [] and b.in_t == [] and a.pcm[0].size == 4 and b.finals == [True]
+    a, b = split_rows(VocoderToEngine(["x", "y"], [0, 0], pcm, [False, True], 24000, 2.0, [0.5, 0.7]))
+    assert a.in_t == [0.5] and b.in_t == [0.7]
+
+
+def test_rows_that_are_not_parallel_are_refused():
+    check_rows(LlmToTts(["a", "b"], [0, 0], [1, 2], torch.zeros(2, 4), [False, False], 0.0))
+    with pytest.raises(ProtocolError, match="turns has 1 rows for 2 sessions"):
+        check_rows(LlmToTts(["a", "b"], [0], [1, 2], torch.zeros(2, 4), [False, False], 0.0))
+    with pytest.raises(ProtocolError, match="hidden has shape"):
+        check_rows(LlmToTts(["a", "b"], [0, 0], [1, 2], torch.zeros(3, 4), [False, False], 0.0))
+    with pytest.raises(ProtocolError, match="in_t has 1 rows"):
+        check_rows(VocoderToEngine(["x", "y"], [0, 0], [np.zeros(1, np.float32)] * 2, [False] * 2, 24000, 0.0, [1.0]))
