@@ -16,6 +16,7 @@ from omni2.stages.hift import (
     draw_source_randomness,
     sine_gen,
 )
+from tests.stages import oracle_hift as oracle
 
 CFG = HiFTConfig(base_channels=32, f0_cond_channels=32)  # the tiny preset; every other number as CosyVoice2
 SR = CFG.sampling_rate
@@ -282,3 +283,156 @@ def test_fold_weight_norm_and_reload():
     sd["conv_post.weight_g"] = sd["conv_post.weight_g"] * 2
     h.load_state_dict(sd)  # drops the folded weights
     assert not torch.allclose(h.inference(mel, deterministic=True)[0], a)
+
+
+# --- against the independent oracle (tests/stages/oracle_hift.py: upstream's algorithm over hift.pt keys) ---------
+# NOTE(hift): both sides run float32 and fold weight norm with differently ordered roundings. With f0 near the
+# classifier bias (`_hift`), f0 comes out equal and everything agrees to ~1e-7. With f0 set by the mel
+# (`_wide_f0_hift`, classifier weights ×4000) f0 differs by ulps, and the source's phase integration (a float32
+# cumsum of f0·k/sr over 480·T samples) turns those into ~1e-5 of source amplitude, so those checks allow 5e-5 -
+# still ~2000× below the 0.1 sine amplitude.
+def _wide_f0_hift() -> HiFT:
+    """`_hift` whose f0 swings over ~0-300 Hz from frame to frame (unvoiced frames included): the classifier's
+    tiny random weights are scaled up and its bias pulled down, so the mel, not the bias, sets f0."""
+    h = _hift()
+    with torch.no_grad():
+        h.f0_predictor.classifier.weight.mul_(4000.0)
+        h.f0_predictor.classifier.bias.fill_(-60.0)
+    return h
+
+
+def _f0_contour(T: int = 25) -> torch.Tensor:
+    """Frame-level f0 (2, T) with unvoiced runs, a frame exactly at the 10 Hz threshold and jumps up to 400 Hz."""
+    g = torch.Generator().manual_seed(1)
+    f0 = 60.0 + 340.0 * torch.rand(2, T, generator=g)
+    f0[0, :4] = 0.0
+    f0[0, 10] = CFG.nsf_voiced_threshold  # not voiced: upstream's test is f0 > threshold
+    f0[1, 7:12] = 3.0
+    return f0
+
+
+def test_oracle_weight_fold_matches_torch_parametrizations():
+    h = _hift()
+    sd = h.state_dict()
+    new_names = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
+    for name, cls, args in (("conv_pre", nn.Conv1d, (80, 32, 7)), ("ups.0", nn.ConvTranspose1d, (32, 16, 16, 8))):
+        layer = nn.utils.parametrizations.weight_norm(cls(*args))  # dim=0: in-channels for the transposed conv
+        layer.load_state_dict({new_names.get(k, k): sd[f"{name}.{k}"] for k in ("bias", "weight_g", "weight_v")})
+        torch.testing.assert_close(oracle.weight(sd, name), layer.weight.detach(), atol=1e-7, rtol=0)  # 1.1e-8
+    # the oracle reads hift.pt as saved (`generator.` prefix) and the parametrizations key form alike
+    renamed = {}
+    for k, v in sd.items():
+        layer, leaf = k.rsplit(".", 1)
+        renamed[f"generator.{layer}.{new_names.get(leaf, leaf)}"] = v
+    mel, s = _mel(1, 5), 0.1 * torch.randn(1, 1, 5 * 480, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(oracle.decode(oracle.official_state_dict(renamed), CFG, mel, s), oracle.decode(sd, CFG, mel, s))
+
+
+def test_f0_predictor_matches_oracle():
+    h = _wide_f0_hift()
+    mel = _mel(2, 15)
+    # measured max |Δf0| 7.6e-5 Hz on f0 of 0-300 Hz (folded-weight rounding, amplified ×4000 by the classifier)
+    torch.testing.assert_close(h.f0_predictor(mel), oracle.f0_predictor(h.state_dict(), mel), atol=2e-4, rtol=0)
+
+
+def test_source_module_matches_oracle():
+    h = _hift()
+    sd = h.state_dict()
+    f0 = _f0_contour()
+    f0_up = F.interpolate(f0[:, None], scale_factor=480.0, mode="nearest")  # (2, 1, 12000), as HiFT.source does
+    torch.testing.assert_close(oracle.upsample_f0(f0, CFG), f0_up, atol=0, rtol=0)
+    B, _, L = f0_up.shape
+    H1 = CFG.nb_harmonics + 1
+
+    torch.manual_seed(5)  # generator=None: both sides draw from the global RNG in upstream's order
+    ours = h.m_source(f0_up)
+    torch.manual_seed(5)
+    want = oracle.source_module(sd, f0_up, CFG, *oracle.upstream_draws(B, H1, L))
+    assert want.shape == (B, L, 1)
+    torch.testing.assert_close(ours, want, atol=1e-7, rtol=0)  # measured max |Δ| 3.0e-8
+    # an explicit generator gives the stream the global RNG gives after the same seed
+    torch.testing.assert_close(h.m_source(f0_up, torch.Generator().manual_seed(5)), want, atol=1e-7, rtol=0)
+    zeros = (torch.zeros(B, H1, 1), torch.zeros(B, H1, L))
+    torch.testing.assert_close(h.m_source(f0_up, deterministic=True), oracle.source_module(sd, f0_up, CFG, *zeros),
+                               atol=1e-7, rtol=0)  # measured max |Δ| 1.5e-8
+    # the contour did exercise both branches: unvoiced samples are noise only, voiced ones carry the sines
+    _, uv = oracle.sine_gen(f0_up, CFG, *zeros)
+    assert 0 < uv.mean() < 1 and uv[0, 0, 10 * 480] == 0
+
+
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("B,T", [(1, 12), (2, 7)])
+def test_decode_matches_oracle(B, T, fold):
+    h = _hift()
+    sd = h.state_dict()  # g / v as hift.pt stores them; folding only caches the effective weight
+    if fold:
+        h.fold_weight_norm()
+    mel = _mel(B, T, seed=T)
+    f0_up = oracle.upsample_f0(_f0_contour()[:B, :T], CFG)
+    L = f0_up.shape[-1]
+    g = torch.Generator().manual_seed(0)
+    draws = (torch.rand(B, 9, 1, generator=g) * 6 - 3, torch.randn(B, 9, L, generator=g))
+    s = oracle.source_module(sd, f0_up, CFG, *draws).transpose(1, 2)  # (B, 1, 480·T)
+    got, want = h.decode(mel, s), oracle.decode(sd, CFG, mel, s)
+    assert got.shape == want.shape == (B, 480 * T)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # measured max |Δ| 1.3e-7
+    # the source fusion matters at this scale of weights (measured 0.045), so a broken fusion cannot hide
+    assert (oracle.decode(sd, CFG, mel, torch.zeros_like(s)) - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("B,T", [(1, 12), (2, 7)])
+def test_inference_matches_oracle(B, T):
+    h, mel = _hift(), _mel(B, T, seed=T)
+    sd = h.state_dict()
+    torch.manual_seed(3)
+    speech, s = h.inference(mel)
+    torch.manual_seed(3)  # the oracle draws like upstream: phases on the CPU, noise, the unused noise branch
+    want_speech, want_s = oracle.inference(sd, CFG, mel)
+    assert speech.shape == want_speech.shape == (B, 480 * T)
+    torch.testing.assert_close(s, want_s, atol=1e-7, rtol=0)  # measured max |Δ| 1.5e-8
+    torch.testing.assert_close(speech, want_speech, atol=1e-6, rtol=0)  # measured max |Δ| 1.4e-7
+    h.fold_weight_norm()  # same g / v in the state dict; now our convs use the cached folded weights
+    got = h.inference(mel, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got[1], want_s, atol=1e-7, rtol=0)  # measured max |Δ| 1.5e-8
+    torch.testing.assert_close(got[0], want_speech, atol=1e-6, rtol=0)  # measured max |Δ| 1.4e-7
+    zeros = (torch.zeros(B, 9, 1), torch.zeros(B, 9, 480 * T))
+    torch.testing.assert_close(h.inference(mel, deterministic=True)[0],
+                               oracle.inference(sd, CFG, mel, draws=zeros)[0], atol=1e-6, rtol=0)  # measured 1.0e-7
+
+
+@pytest.mark.parametrize("B,T", [(1, 12), (2, 7)])
+def test_inference_with_swinging_f0_matches_oracle(B, T):
+    h, mel = _wide_f0_hift(), _mel(B, T, seed=T - 6)
+    sd = h.state_dict()
+    f0 = oracle.f0_predictor(sd, mel)
+    assert (f0 <= CFG.nsf_voiced_threshold).any() and (f0 > 100).any()  # voiced and unvoiced frames both occur
+    torch.manual_seed(3)
+    speech, s = h.inference(mel)
+    torch.manual_seed(3)
+    want_speech, want_s = oracle.inference(sd, CFG, mel)
+    torch.testing.assert_close(s, want_s, atol=5e-5, rtol=0)  # measured max |Δ| 9.9e-6 (f0 ulps, integrated)
+    torch.testing.assert_close(speech, want_speech, atol=5e-5, rtol=0)  # measured max |Δ| 3.1e-6
+
+
+def test_inference_with_cache_source_matches_oracle():
+    """Two streaming chunks as token2wav runs them: chunk 2 re-reads chunk 1's last 8 mel frames and overwrites
+    the head of its source with chunk 1's last 8·480 source samples."""
+    h = _hift()
+    sd = h.state_dict()
+    mel1, new = _mel(1, 20, seed=1), _mel(1, 7, seed=2)
+    torch.manual_seed(0)
+    _, s1 = h.inference(mel1)
+    torch.manual_seed(0)
+    _, want_s1 = oracle.inference(sd, CFG, mel1)
+    torch.testing.assert_close(s1, want_s1, atol=1e-7, rtol=0)
+    cache, mel2 = s1[:, :, -8 * 480:], torch.cat([mel1[:, :, -8:], new], dim=2)  # (1, 1, 3840), (1, 80, 15)
+    torch.manual_seed(1)
+    speech, s = h.inference(mel2, cache)
+    torch.manual_seed(1)
+    want_speech, want_s = oracle.inference(sd, CFG, mel2, cache_source=cache)
+    assert torch.equal(want_s[:, :, :3840], cache) and speech.shape == (1, 15 * 480)
+    torch.testing.assert_close(s, want_s, atol=1e-7, rtol=0)  # measured: equal
+    torch.testing.assert_close(speech, want_speech, atol=1e-6, rtol=0)  # measured max |Δ| 9.7e-8
+    # the cache did change the output (measured 0.036), else this would only re-test plain inference
+    torch.manual_seed(1)
+    assert (oracle.inference(sd, CFG, mel2)[0] - want_speech).abs().max() > 1e-3
