@@ -27,11 +27,18 @@ class LLMError(RuntimeError):
 
 @dataclass(slots=True)
 class LLMTurn:
-    """A user turn for a session: its projected speech embeddings (n, H), e.g. the ASR stage's output."""
+    """A user turn for a session: its projected speech embeddings (n, H), e.g. the ASR stage's output.
+
+    uid: the turn's id in the conversation (None: the next one); ids only grow and are never reused.
+    history: the uids of the earlier turns the conversation holds (None: every finished turn). A turn left out —
+    one that was cancelled or failed — is dropped from the prompt with its answer, so what the thinker reads is
+    decided by whoever names the history (the engine), never by when a cancel arrived."""
 
     session_id: str
     speech: torch.Tensor
     max_new_tokens: int | None = None
+    uid: int | None = None
+    history: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -55,7 +62,7 @@ class _Session:
     # never be mistaken for the rows of the turn that replaces it.
     uids: list[int] = field(default_factory=list)
     next_uid: int = 0
-    answers: list[str] = field(default_factory=list)  # assistant text of finished turns
+    answers: list[str] = field(default_factory=list)  # assistant text of finished turns (answers[i] for uids[i])
     cached: list = field(default_factory=list)  # items whose K/V sit at positions 0.. of the slot
     pending: list | None = None  # items still to prefill for the current turn
     generated: list[int] = field(default_factory=list)
@@ -112,7 +119,8 @@ class LLMStage:
             self.slots.give(s.slot)
 
     def cancel(self, session_id: str) -> None:
-        """Stop the current turn (barge-in); the cut-off answer is not kept in the history."""
+        """Stop the current turn (barge-in); the cut-off answer is not kept in the history. (A turn that had
+        already finished is dropped by the next turn's `history`, which leaves it out.)"""
         s = self._get(session_id)
         if s.pending is not None or s.detok is not None:
             s.speech.pop()
@@ -150,13 +158,18 @@ class LLMStage:
         H = self.lm.cfg.hidden_size
         if turn.speech.ndim != 2 or turn.speech.shape[1] != H or turn.speech.shape[0] == 0:
             raise LLMError(f"speech embeddings must be (n>0, {H}), got {tuple(turn.speech.shape)}")
-        uids = s.uids + [s.next_uid]
-        items = self._prompt_items([x.shape[0] for x in s.speech] + [turn.speech.shape[0]], uids, s.answers)
+        uid = s.next_uid if turn.uid is None else turn.uid
+        if uid < s.next_uid:
+            raise LLMError(f"turn id {uid} of session {turn.session_id!r} is not new (next is {s.next_uid})")
+        wanted = set(s.uids if turn.history is None else turn.history)
+        kept = [i for i, u in enumerate(s.uids) if u in wanted]
+        speech, uids, answers = [s.speech[i] for i in kept], [s.uids[i] for i in kept], [s.answers[i] for i in kept]
+        items = self._prompt_items([x.shape[0] for x in speech] + [turn.speech.shape[0]], uids + [uid], answers)
         if len(items) >= self.limits.max_context:
             raise LLMError(f"prompt of {len(items)} positions does not fit the context limit "
                            f"{self.limits.max_context} (close the session or raise --max-context)")
-        s.speech.append(turn.speech.to(self.device, self.dtype))
-        s.uids, s.next_uid = uids, s.next_uid + 1
+        s.speech, s.answers = speech + [turn.speech.to(self.device, self.dtype)], answers
+        s.uids, s.next_uid = uids + [uid], uid + 1
         keep = 0
         while keep < min(len(items), len(s.cached)) and _same(items[keep], s.cached[keep]):
             keep += 1

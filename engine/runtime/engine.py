@@ -85,6 +85,7 @@ class _Session:
     rate: int = 0
     turn: Turn | None = None
     next_turn: int = 0
+    history: list[int] = field(default_factory=list)  # turns that finished: the conversation the thinker reads
 
 
 @dataclass
@@ -267,7 +268,9 @@ class Engine:
                 raise EngineError("bad_audio", str(e)) from None
             n, s.next_turn = s.next_turn, s.next_turn + 1
             s.turn = Turn(n, time.perf_counter(), self.read)
-        self._put_asr(EngineToAsr([s.key], [n], [audio], [True], 16000, time.perf_counter()))
+            _drop_cancel_marks(s.events)  # a cancel nobody waited for must not end the new turn's events()
+            history = list(s.history)
+        self._put_asr(EngineToAsr([s.key], [n], [audio], [True], 16000, time.perf_counter(), [history]))
         return n
 
     def submit(self, session_id: str, audio: np.ndarray, sample_rate: int = 16000) -> int:
@@ -503,6 +506,7 @@ class Engine:
                 self._emit(s, ev)
             if t.done():
                 s.turn = None
+                s.history.append(t.number)  # only a finished turn: a cancelled or failed one never enters it
                 self._emit(s, t.finish(uid))
 
     def _emit(self, s: _Session, ev: Event) -> None:
@@ -576,6 +580,19 @@ class Engine:
                 pass
         shm.sweep(self.prefix, self.ipc_dir)
         log.info("engine stopped")
+
+
+def _drop_cancel_marks(q: queue.Queue) -> None:
+    kept = []
+    while True:
+        try:
+            ev = q.get_nowait()
+        except queue.Empty:
+            break
+        if ev is not _CANCELLED:
+            kept.append(ev)
+    for ev in kept:
+        q.put(ev)
 
 
 def _read_all(fd: int) -> None:

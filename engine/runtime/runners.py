@@ -114,6 +114,14 @@ class Runner:
     def active(self) -> list[str]: return list(self.options)
 
 
+@dataclass(slots=True)
+class _AsrTurn:
+    session_id: str
+    turn: int
+    audio: np.ndarray
+    history: list[int] | None
+
+
 class AsrRunner(Runner):
     stage = "asr"
 
@@ -121,7 +129,7 @@ class AsrRunner(Runner):
         super().__init__()
         self.asr, self.limits, self.max_batch = asr, limits, max_batch
         self.parts: dict[str, list] = {}  # audio of a turn not yet complete
-        self.queue: list[tuple[str, int, object]] = []  # complete turns, in arrival order
+        self.queue: list[_AsrTurn] = []  # complete turns, in arrival order
 
     def _open(self, sid, options):
         self.asr.open(sid)
@@ -132,32 +140,35 @@ class AsrRunner(Runner):
 
     def _cancel(self, sid):
         self.parts.pop(sid, None)
-        self.queue = [q for q in self.queue if q[0] != sid]
+        self.queue = [q for q in self.queue if q.session_id != sid]
 
     def feed(self, msg: EngineToAsr) -> None:
-        for sid, turn, audio, end in zip(msg.session_ids, msg.turns, msg.audio, msg.ends):
+        for i, (sid, turn, audio, end) in enumerate(zip(msg.session_ids, msg.turns, msg.audio, msg.ends)):
             if not self.accept(sid, turn):
                 continue
             self.parts.setdefault(sid, []).append(np.array(audio, dtype=np.float32))
             if end:
-                self.queue.append((sid, turn, np.concatenate(self.parts.pop(sid))))
+                history = msg.histories[i] if msg.histories else None
+                self.queue.append(_AsrTurn(sid, turn, np.concatenate(self.parts.pop(sid)), history))
 
     def ready(self) -> bool:
         return bool(self.queue)
 
     def active(self) -> list[str]:
-        return [q[0] for q in self.queue[: self.max_batch]]
+        return [q.session_id for q in self.queue[: self.max_batch]]
 
     def step(self):
         batch, rest = [], []
         for q in self.queue:  # one turn per session per step, oldest first
-            taken = q[0] in (b[0] for b in batch) or len(batch) == self.max_batch
+            taken = q.session_id in (b.session_id for b in batch) or len(batch) == self.max_batch
             (rest if taken else batch).append(q)
         self.queue = rest
-        out = self.asr.step([(sid, audio) for sid, _, audio in batch])
-        return [("asr_llm", AsrToLlm([sid for sid, _, _ in batch], [t for _, t, _ in batch],
+        out = self.asr.step([(q.session_id, q.audio) for q in batch])
+        histories = [q.history for q in batch]
+        return [("asr_llm", AsrToLlm([q.session_id for q in batch], [q.turn for q in batch],
                                      [_host(emb) for _, emb in out],
-                                     [self.options[sid].max_new_tokens for sid, _, _ in batch], time.perf_counter()))]
+                                     [self.options[q.session_id].max_new_tokens for q in batch], time.perf_counter(),
+                                     [] if None in histories else histories))]
 
 
 class LlmRunner(Runner):
@@ -181,11 +192,13 @@ class LlmRunner(Runner):
         self.asr_t.pop(sid, None)
 
     def feed(self, msg: AsrToLlm) -> None:
-        for sid, turn, speech, max_new in zip(msg.session_ids, msg.turns, msg.speech, msg.max_new_tokens):
+        for i, (sid, turn, speech, max_new) in enumerate(zip(msg.session_ids, msg.turns, msg.speech,
+                                                              msg.max_new_tokens)):
             if not self.accept(sid, turn):
                 continue
+            history = msg.histories[i] if msg.histories else None
             try:
-                self.llm.admit(LLMTurn(sid, speech.clone(), max_new))
+                self.llm.admit(LLMTurn(sid, speech.clone(), max_new, uid=turn, history=history))
             except LLMError as e:
                 self.fail(sid, "llm_refused", str(e))
                 continue

@@ -133,6 +133,8 @@ class Supervisor:
                       "device": w.spec.device, "failed": w.failed,
                       "busy": bool(b and b.busy), "sessions": b.sessions if b else 0, "queued": b.queued if b else 0,
                       "last_step_ms": round(b.last_step_ms, 3) if b else 0.0, "last_batch": b.last_batch if b else 0,
+                      "max_batch": b.max_batch if b else 0, "blocked": b.blocked if b else "",
+                      "active": b.active if b else 0,
                       "steps": b.steps if b else 0, "rings": dict(b.rings) if b else {}}
         return out
 

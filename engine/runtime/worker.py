@@ -114,7 +114,9 @@ class Worker:
         self.reclaim = {e: threading.Event() for e in outputs_of(self.stage)}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.step_started: float | None = None
-        self.last_step_ms, self.last_batch, self.steps = 0.0, 0, 0
+        self.last_step_ms, self.last_batch, self.max_batch, self.steps = 0.0, 0, 0, 0
+        self.blocked = ""  # set by the sender thread while an output ring has no free slot
+        self.active = 0  # len(runner.active()) after the last pass of the compute loop (read by the heartbeat)
         self.producers: dict[str, ring.Producer] = {}
         self.runner = None
 
@@ -174,6 +176,7 @@ class Worker:
             if runner.ready():
                 self._step()
             self._report_failures()
+            self.active = len(runner.active())
 
     def _apply(self, item: Arrived | OpenSession | CloseSession | CancelSession) -> None:
         runner, msg = self.runner, item
@@ -215,6 +218,7 @@ class Worker:
             self.last_step_ms = (time.perf_counter() - self.step_started) * 1e3
             self.step_started = None
             self.last_batch, self.steps = len(active), self.steps + 1
+            self.max_batch = max(self.max_batch, self.last_batch)
         event = None
         if self.stream is not None and outs:
             event = torch.cuda.Event()
@@ -312,7 +316,8 @@ class Worker:
         return Heartbeat(self.stage, os.getpid(), seq, len(self.runner.options), started is not None,
                          time.perf_counter(), 0.0 if started is None else time.perf_counter() - started,
                          self.last_step_ms, self.last_batch, self.inbox.qsize(), self.steps,
-                         {e: p.stats(refresh=True).in_use for e, p in self.producers.items()})
+                         {e: p.stats(refresh=True).in_use for e, p in self.producers.items()}, self.max_batch,
+                         self.blocked, self.active)
 
     def _orphaned(self) -> None:
         # The engine is gone and nobody will sweep for us: give back what we own, then go at once.
@@ -343,8 +348,10 @@ class Worker:
                 producer.reclaim()
             try:
                 producer.put(msg, timeout=0.2)
+                self.blocked = ""
                 return
             except ring.RingTimeout:
+                self.blocked = edge
                 continue  # still no credit: look at reclaim/stop again
             except ring.PayloadTooLarge as e:
                 halves = split_rows(msg)
@@ -373,12 +380,15 @@ def split_rows(msg):
     return parts
 
 
+OPTIONAL_ROWS = ("asr_t", "in_t", "histories")  # per-row lists a message may leave empty
+
+
 def check_rows(msg) -> None:
     """Parallel lists must be parallel: zip would silently drop rows."""
     n = len(msg.session_ids)
     for f in dataclasses.fields(msg):
         v = getattr(msg, f.name)
-        if isinstance(v, list) and len(v) != n and not (f.name in ("asr_t", "in_t") and not v):
+        if isinstance(v, list) and len(v) != n and not (f.name in OPTIONAL_ROWS and not v):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} has {len(v)} rows for {n} sessions")
         if isinstance(v, torch.Tensor) and (v.ndim < 1 or v.shape[0] != n):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} has shape {tuple(v.shape)} for {n} sessions")

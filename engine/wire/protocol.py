@@ -63,6 +63,9 @@ class Heartbeat:
     queued: int = 0
     steps: int = 0
     rings: dict[str, int] = field(default_factory=dict)  # slots in use per output edge (bounded by n_slots)
+    max_batch: int = 0  # the most sessions one step has served so far
+    blocked: str = ""  # the output edge the worker is waiting on for a free slot (backpressure), "" = none
+    active: int = 0  # sessions with work in this stage (queued input, a turn being computed)
 
 
 @dataclass(slots=True)
@@ -160,7 +163,9 @@ class CancelSession:
 
 @dataclass(slots=True)
 class EngineToAsr:
-    """User audio, mono float32 at `sample_rate`; ends[i] = the user's turn is complete."""
+    """User audio, mono float32 at `sample_rate`; ends[i] = the user's turn is complete. histories[i]: the turns
+    the conversation holds before this one (the engine decides: a cancelled or failed turn is not among them);
+    [] for the whole message = every finished turn."""
 
     session_ids: list[str]
     turns: list[int]
@@ -168,6 +173,7 @@ class EngineToAsr:
     ends: list[bool]
     sample_rate: int
     t: float
+    histories: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -179,6 +185,7 @@ class AsrToLlm:
     speech: list[torch.Tensor]  # each (n_i, H_thinker)
     max_new_tokens: list[int | None]
     t: float
+    histories: list[list[int]] = field(default_factory=list)  # as EngineToAsr.histories
 
 
 @dataclass(slots=True)

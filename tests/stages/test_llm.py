@@ -192,3 +192,32 @@ def test_cancel_drops_the_turn_and_frees_the_session_for_a_new_one(md):
     fresh.open("a")
     e = speech(25, H, 5)
     assert [t.token_id for t in run_turn(stage, "a", e)] == [t.token_id for t in run_turn(fresh, "a", e)]
+
+
+def test_a_turn_left_out_of_the_history_is_not_read_even_after_it_finished(md, oracle):
+    """LLMTurn.history names the earlier turns the prompt holds: a finished turn left out (the engine leaves out
+    cancelled ones) is gone from the prompt, and the reply equals the official algorithm on the turns kept."""
+    stage = LLMStage.from_checkpoint(md, Limits(max_sessions=1, max_context=2048, max_new_tokens=8))
+    H = md.config.thinker.hidden_size
+    stage.open("h")
+    e0, e1, e2 = speech(300, H, 5), speech(300, H, 6), speech(300, H, 7)
+    turn(stage, LLMTurn("h", e0, uid=0, history=[]))
+    turn(stage, LLMTurn("h", e1, uid=1, history=[0]))  # finished: its answer is in the session's state now ...
+    answer0, answer1 = stage.sessions["h"].answers
+    third = turn(stage, LLMTurn("h", e2, uid=3, history=[0]))  # ... and left out of the next turn's history
+    assert stage.sessions["h"].uids == [0, 3] and stage.sessions["h"].answers[:1] == [answer0]
+    ref_ids, ref_h = oracle_reply(oracle, md, [e0, e2], [answer0], 8)
+    assert [t.token_id for t in third] == ref_ids
+    assert (torch.stack([t.hidden for t in third]) - ref_h).abs().max().item() < 1e-4
+    _, kept_h = oracle_reply(oracle, md, [e0, e1, e2], [answer0, answer1], 8)
+    assert (kept_h[:1] - ref_h[:1]).abs().max().item() > 1e-3  # the left-out turn would have changed the reply
+    with pytest.raises(LLMError, match="not new"):
+        stage.step([LLMTurn("h", e2, uid=2, history=[0])])
+
+
+def turn(stage, t: LLMTurn) -> list:
+    """Every token of one turn of session t.session_id."""
+    toks = stage.step([t])
+    while stage.busy():
+        toks += [x for x in stage.step() if x.session_id == t.session_id]
+    return toks
