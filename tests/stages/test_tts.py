@@ -213,8 +213,26 @@ def test_bad_inputs_are_clear_errors(md, stage_factory):
     assert not st.busy()
 
 
-def test_stream_params_come_from_the_checkpoint(md, stage_factory):
-    assert stage_factory().stream == StreamParams(3, 10)
+def test_stream_params_come_from_the_checkpoint(md, oracle, tmp_path):
+    """A model directory whose config.json says "(2,7)" runs Read-2-Write-7, equal to the official loop with R=2,
+    M=7: the value reaches the stage, not only the config reader."""
+    import json
+    import os
+
+    d = tmp_path / "omni2-r2w7"
+    d.mkdir()
+    for f in md.path.iterdir():  # the weights and tokenizers as they are; only config.json changes
+        os.symlink(f, d / f.name)
+    (d / "config.json").unlink()
+    (d / "config.json").write_text(json.dumps({**md.config.raw, "stream_params": "(2,7)"}))
+    stage = TTSStage.from_checkpoint(ModelDir(d), Limits(max_sessions=1))
+    assert stage.stream == StreamParams(2, 7)
+    sampling = SamplingParams(1.0, 50, 1.0, seed=0)  # this seed writes full chunks and a short final flush
+    ids, h = reply(md, 7, 1)  # four chunks: three of 2 tokens, a final one of 1 + <sep>
+    stage.open("s", sampling)
+    ours = run_stage(stage, "s", ids, h)
+    assert ours == official_units(oracle, md, ids, h, sampling, R=2, M=7)
+    assert [len(c) for c in ours[:-1]] == [7, 7, 7]
 
 
 @pytest.mark.parametrize("units_only", [True, False], ids=["units_only", "full_vocab"])
