@@ -42,7 +42,7 @@ def test_a_turn_streams_text_units_and_audio_in_order(pipe):
 
 
 def test_same_seed_same_reply_and_baseline_agrees(pipe, tiny_ckpt, tiny_vocoder):
-    opts = session_options(seed=7, max_new_tokens=4)  # official sampling of the TTS LM
+    opts = session_options(seed=7, max_new_tokens=12)  # official TTS sampling; 176 units: several vocoder calls
     a = run_turn(pipe, AUDIO, 16000, opts)
     b = run_turn(pipe, AUDIO, 16000, opts)
     assert a.token_ids == b.token_ids and a.units == b.units and np.array_equal(a.pcm, b.pcm)
@@ -50,7 +50,9 @@ def test_same_seed_same_reply_and_baseline_agrees(pipe, tiny_ckpt, tiny_vocoder)
     c = run_turn(base, AUDIO, 16000, opts)
     assert c.token_ids == a.token_ids and c.units == a.units
     # Same mel to ~1e-6; HiFT's phase integration turns rounding into up to ~1e-2 of PCM (docs/ARCHITECTURE.md).
-    assert np.abs(c.pcm - a.pcm).max() < 2e-2
+    err = np.abs(c.pcm - a.pcm).max()
+    # Measured 4.4e-3 here. The bound grows with the length of one vocoder call (a 578-unit final flush: 1.4e-2).
+    assert len(a.units) > 53 and err < 1e-2, (len(a.units), err)
 
 
 def test_two_turns_keep_the_conversation(pipe):
