@@ -107,8 +107,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Counts where 0 or less is a mistake (not "the default"): refused before anything loads or connects."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
+    _check_positive(args, "max_new_tokens", "threads")  # before the import: generate loads torch
     from omni2.engine.cli import generate
+
 
     return generate.main(args)
 
@@ -130,6 +140,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per stage worker (default: the cores shared out among the four workers)")
+    p.add_argument("--hang-timeout", type=float, default=1.0,
+                   help="seconds without a worker heartbeat before it counts as hung and is restarted (default 1)")
     p.add_argument("--bind", default=_ADDRESS, help=f"ZMQ endpoint (default {_ADDRESS}; a non-loopback address "
                                                     f"needs --token-file or --curve-clients; port 0 = any free port)")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions the engine holds at once (default 8)")
@@ -170,8 +182,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from omni2.engine.config import EngineConfig, Limits, ServerConfig, StreamParams
+    from omni2.engine.config import DTYPES, EngineConfig, Limits, Placement, ServerConfig, StreamParams
 
+    # Bad values fail here, at once: before the demo checkpoint is written or a model directory is read.
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    Placement.parse(args.placement)
+    _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s omni2-engine serve: %(message)s",
                         stream=sys.stderr)
     log = logging.getLogger("omni2.serve")
@@ -198,7 +215,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{model_dir} is not a model directory (config.json: {e})") from e
     cfg = dataclasses.replace(cfg, stream_params=StreamParams.parse(raw.get("stream_params")).to_str())
     engine_cfg = EngineConfig(model_dir=str(model_dir), vocoder_dir=str(vocoder_dir), placement=args.placement,
-                              dtype=args.dtype, limits=limits, threads=args.threads)
+                              dtype=args.dtype, limits=limits, threads=args.threads, hang_s=args.hang_timeout)
 
     from omni2.engine.runtime import EngineError
     from omni2.engine.serve.daemon import serve
@@ -272,6 +289,7 @@ def _run_chat(args: argparse.Namespace) -> int:
     args.token = _read_token(args.token_file) or ""
     if args.wav is not None and not args.out:
         raise ConfigError("--wav needs --out (where to write the reply audio)")
+    _check_positive(args, "max_new_tokens")  # here, not as the daemon's bad_value after connecting
     return chat.run_mic(args) if args.mic else chat.run_wav(args)
 
 
@@ -280,7 +298,7 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connect", default=_ADDRESS, help=f"the daemon's address (default {_ADDRESS})")
     _add_client_auth(p)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon (default 5)")
     p.set_defaults(func=_run_status)
 
 

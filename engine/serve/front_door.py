@@ -236,6 +236,7 @@ class FrontDoor:
         sid = uuid.uuid4().hex
         s = SessionState(sid, m.session_id, client, m.mode, m.audio_format)
         self.engine.open(sid, options)  # EngineError: too_many_sessions, unknown_voice, ...
+        s.last_active = time.monotonic()  # idle from when it exists, not from before the workers acknowledged it
         self.sessions[sid] = s
         client.sessions[m.session_id] = s
         log.info("session %s opened (client %s, %s, %s)", m.session_id, client.identity.hex()[:8], m.mode, m.voice)

@@ -51,7 +51,8 @@ def daemon(workdir):
     assert serve == ".venv/bin/omni2-engine serve", serve
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 5555)) == 0:
-            pytest.skip("port 5555 (the README's default) is taken on this machine")
+            pytest.fail("port 5555 (the README's default) is taken on this machine: the README's daemon cannot "
+                        "start, so its commands cannot be checked; free the port and run again")
     d = Daemon([], workdir / "serve.log", port=5555, extra_env={"OMNI2_CACHE": str(workdir / "cache")},
                argv=shlex.split(serve), cwd=workdir)
     try:

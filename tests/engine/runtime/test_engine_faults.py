@@ -15,12 +15,13 @@ from omni2.engine.wire import shm
 from omni2.engine.wire.protocol import AudioDelta, ErrorEvent, TurnDone, UnitChunk
 
 LIMITS = Limits(max_sessions=4, max_new_tokens=6)
+HANG_S = 2.0  # twice the default: a loaded test machine must not make a healthy worker look hung
 AUDIO = (np.random.default_rng(2).standard_normal(16000) * 0.1).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_ckpt, tiny_vocoder):
-    eng = Engine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), limits=LIMITS, threads=1)).start()
+    eng = Engine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), limits=LIMITS, threads=1, hang_s=HANG_S)).start()
     yield eng
     eng.stop()
 
@@ -69,20 +70,23 @@ def test_a_lost_worker_errors_its_turns_within_a_second_and_comes_back(engine, t
                 hit = time.monotonic()
         err = events[-1]
         assert isinstance(err, ErrorEvent) and err.code == "worker_crashed" and stage in err.message, err
-        assert err.t - hit < 1.2  # the 1 s heartbeat deadline for a hang; at once for a death
+        assert err.t - hit < (HANG_S + 0.5 if sig == signal.SIGSTOP else 0.5)  # the heartbeat deadline; a death at once
         w = wait_ready(engine, stage, pid)
         assert gone(pid) and w["restarts"] >= 1
         assert len(segments(engine.prefix)) == 7, segments(engine.prefix)  # the dead producer's were swept
-        # Both sessions go on. The victim's conversation is fresh only where its lost turn never reached (ASR) or
-        # was forgotten with (LLM) the thinker; elsewhere its history holds that turn's answer.
+        # Both sessions go on, and the lost turn is not in the victim's conversation (it failed): its next reply is
+        # a fresh session's. Its units are too where its TTS state is fresh (the TTS never saw the turn, or was the
+        # worker restarted); after a vocoder loss the TTS has sampled part of the lost turn, which moved its
+        # counter-based sampler on.
         ref = ReferencePipeline(tiny_ckpt, tiny_vocoder, limits=LIMITS)
         audio = (np.random.default_rng(1).standard_normal(16000 * 2) * 0.1).astype(np.float32)
         for sid, opts in (("bystander", session_options(seed=1, greedy=True)), ("victim", session_options(seed=2))):
             done = list(engine.turn(sid, audio, timeout=60))[-1]
             assert isinstance(done, TurnDone), done
-            if sid == "bystander" or stage in ("asr", "llm"):
-                expected = run_turn(ref, audio, 16000, opts)
-                assert done.token_ids == expected.token_ids and done.units == expected.units
+            expected = run_turn(ref, audio, 16000, opts)
+            assert done.token_ids == expected.token_ids
+            if sid == "bystander" or stage != "vocoder":
+                assert done.units == expected.units
     finally:
         engine.close("victim")
         engine.close("bystander")

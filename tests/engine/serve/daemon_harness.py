@@ -53,6 +53,8 @@ class Daemon:
             args = [*args, "--bind", f"tcp://{host}:{self.port}"]
         if "--threads" not in args:
             args = [*args, "--threads", "1"]  # the test process's count (tests/conftest.py): PCM compares bit-exact
+        if "--hang-timeout" not in args:
+            args = [*args, "--hang-timeout", "5"]  # a loaded test machine must not make a healthy worker look hung
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(argv or [EXE, "serve", *args], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env(**(extra_env or {})), cwd=cwd, preexec_fn=_die_with_parent)

@@ -24,11 +24,12 @@ def daemon(tiny_ckpt, tiny_vocoder, tmp_path_factory):
 
 def test_an_idle_session_is_closed_and_its_slot_freed(daemon):
     with daemon.client() as c:
+        t0 = time.monotonic()  # before the request: the daemon's idle clock cannot start earlier than this
         s = c.open(seed=0, greedy=True, max_new_tokens=4)
-        t0 = time.monotonic()
-        ev = c.next_event(s.id, timeout=IDLE + 5)
+        ev = c.next_event(s.id, timeout=IDLE + 10)
         assert isinstance(ev, P.SessionClosed) and ev.session_id == s.id and ev.reason == "idle", ev
-        assert IDLE <= time.monotonic() - t0 + 0.1 < IDLE + 3
+        # Never early; late by at most the open itself and a housekeeping tick (0.5 s), with room for a busy box.
+        assert IDLE <= time.monotonic() - t0 < IDLE + 10
         assert c.status()["server"]["sessions"] == 0
         # The engine's only slot is free again: a new session opens and answers.
         s2 = c.open(seed=0, greedy=True, max_new_tokens=4)
