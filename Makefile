@@ -40,7 +40,7 @@ portaudio:
 test:
 	@# One torch thread per test worker: the tiny models are latency-bound and 2 workers x N threads on 2
 	@# cores thrash. loadfile keeps each module (and its module-scoped engine or daemon) on one test process.
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint:
 	$(PY) -m ruff check engine stages kernels bench tests

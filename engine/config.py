@@ -313,7 +313,10 @@ class Placement:
             return cls({s: dev for s in STAGES})
         devices = {}
         for part in spec.split(","):
-            name, _, dev = part.partition("=")
+            name, eq, dev = part.partition("=")
+            if not eq:
+                raise ConfigError(f"placement {spec!r} is not cpu, cuda or STAGE=DEVICE for every stage "
+                                  f"(e.g. asr=0,llm=1,tts=1,vocoder=1)")
             name, dev = name.strip(), dev.strip()
             if name not in STAGES:
                 raise ConfigError(f"placement: unknown stage {name!r} (stages: {', '.join(STAGES)})")
@@ -412,18 +415,28 @@ class TTSOptions:
     max_context: int = 4096  # TTS positions per session: reply text + units + the final flush
 
 
+VOCODER_SCHEDULES = ("live", "official-live", "hop")
+
+
 @dataclass(frozen=True)
 class VocoderOptions:
-    """mode: "incremental" (cached chunks) or "recompute" (official cost). token_hop: units per call (None = the
-    official 50). left_chunks: flow attention window in chunks (None = all = exact; see docs/ARCHITECTURE.md).
-    deterministic: zero HiFT's random source phases and noise (tests, cross-implementation comparisons)."""
+    """schedule: when the vocoder voices (docs/ARCHITECTURE.md, "Vocoder schedules"):
+        "live" (default): one token2wav call per TTS write, as the official live server (`process_unit_chunk`),
+            a write longer than W (the final flush) in pieces of W units, so that its tail streams too;
+        "official-live": one call per TTS write, the long final one included: the official server, call for call;
+        "hop": the offline script (`run_cosy2_decoder.py --stream`): a call per `token_hop` units (None = 50).
+    mode: "incremental" (cached chunks) or "recompute" (official cost). left_chunks: flow attention window in
+    chunks (None = all = exact). deterministic: zero HiFT's random source phases and noise (tests, comparisons)."""
 
+    schedule: str = "live"
     mode: str = "incremental"
     token_hop: int | None = None
     left_chunks: int | None = None
     deterministic: bool = False
 
     def __post_init__(self):
+        if self.schedule not in VOCODER_SCHEDULES:
+            raise ConfigError(f"vocoder schedule {self.schedule!r} is not one of {', '.join(VOCODER_SCHEDULES)}")
         if self.mode not in ("incremental", "recompute"):
             raise ConfigError(f"vocoder mode {self.mode!r} is not 'incremental' or 'recompute'")
         if self.token_hop is not None and self.token_hop < 1:

@@ -22,7 +22,7 @@ from omni2.engine.config import Limits, SessionOptions, TTSOptions, VocoderOptio
 from omni2.engine.wire.protocol import AudioDelta, Event, TextDelta, TurnDone, UnitChunk
 from omni2.stages.asr import ASRStage
 from omni2.stages.llm import LLMStage, LLMTurn
-from omni2.stages.tts import TTSInput, TTSStage
+from omni2.stages.tts import TTSInput, TTSStage, UnitPieces
 from omni2.stages.vocoder import VocoderInput, VocoderStage
 
 
@@ -74,6 +74,7 @@ class ReferencePipeline:
         units: list[int] = []
         text: list[str] = []
         reason = "stop"
+        pieces = UnitPieces(self.tts.stream.write)
         pending = self.llm.step([LLMTurn(session_id, speech, opts.max_new_tokens)])
         while pending:
             tok = pending[0]
@@ -84,7 +85,7 @@ class ReferencePipeline:
             if len(token_ids) == self.read or tok.finished:
                 mark("t_llm")
             yield from self._speak(session_id, TTSInput(session_id, [tok.token_id], tok.hidden[None], tok.finished),
-                                   units, mark)
+                                   units, pieces, mark)
             if tok.finished:
                 reason = tok.finish_reason
                 break
@@ -92,19 +93,29 @@ class ReferencePipeline:
         mark("total")
         yield TurnDone(session_id, "".join(text), token_ids, units, reason, clock.timings, time.perf_counter())
 
-    def _speak(self, session_id: str, text_in: TTSInput, units: list[int], mark) -> Iterator[Event]:
-        """Let the TTS LM write every chunk this token completes, and the vocoder voice what it can."""
+    def _speak(self, session_id: str, text_in: TTSInput, units: list[int], pieces: UnitPieces,
+               mark) -> Iterator[Event]:
+        """Let the TTS LM write every chunk this token completes, and the vocoder voice it by its schedule: the
+        "live" one each piece as it is cut (runtime/runners.TtsRunner cuts identically), the others whole writes."""
+        live = self.vocoder.opts.schedule == "live"
         out = self.tts.step([text_in])
-        chunk: list[int] = []
+        write: list[int] = []
         while out:
             for t in out:
-                if t.unit is not None:
-                    chunk.append(t.unit)
-                if t.chunk_end:
-                    units.extend(chunk)
-                    yield UnitChunk(session_id, chunk, t.done, time.perf_counter())
-                    yield from self._voice(session_id, chunk, t.done, mark)
-                    chunk = []
+                cut = pieces.push(t)
+                if cut is None:
+                    continue
+                piece, end = cut
+                units.extend(piece)
+                write.extend(piece)
+                if end:
+                    yield UnitChunk(session_id, write, t.done, time.perf_counter())
+                if live:
+                    yield from self._voice(session_id, piece, t.done, mark)
+                elif end:
+                    yield from self._voice(session_id, write, t.done, mark)
+                if end:
+                    write = []
             out = self.tts.step()
 
     def _voice(self, session_id: str, units: list[int], final: bool, mark) -> Iterator[Event]:

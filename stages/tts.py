@@ -62,6 +62,25 @@ class TTSToken:
     done: bool  # the reply's speech is complete (end of the final chunk)
 
 
+class UnitPieces:
+    """Cuts one session's TTS tokens into the pieces the vocoder is given: a piece ends with its write (a chunk of
+    Read-R-Write-W) or after W units, whichever comes first, so a long write (the final flush after <sep>, up to
+    1024 units) arrives in W-unit pieces and its tail streams too. A function of the tokens alone: the engine and
+    the reference pipeline cut a reply identically."""
+
+    def __init__(self, write: int):
+        self.write, self.units = write, []
+
+    def push(self, t: TTSToken) -> tuple[list[int], bool] | None:
+        """The piece `t` completes, as (units, ends its write), or None."""
+        if t.unit is not None:
+            self.units.append(t.unit)
+        if not (t.chunk_end or len(self.units) >= self.write):
+            return None
+        piece, self.units = self.units, []
+        return piece, t.chunk_end
+
+
 @dataclass
 class _Session:
     slot: int

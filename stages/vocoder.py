@@ -1,10 +1,15 @@
 """Vocoder stage: CosyVoice2 token2wav as LLaMA-Omni2 streams it (MODEL_SPEC §2.6), units -> 24 kHz PCM.
 
-Schedule (the official `run_cosy2_decoder.py --stream`): once `hop + pre_lookahead` units past the offset exist,
-the flow turns units [0, offset + hop + 3) into mel and the frames from 2*offset on are voiced; at the end of the
-reply one finalizing call voices the rest. HiFT re-reads the previous call's last 8 mel frames and source
-samples, cross-fades its first 3840 samples with the tail it withheld last time (Hamming window), and withholds
-its own last 3840 samples until the next call.
+Every call is the official token2wav: the flow turns units [0, n) into mel, the frames from 2*offset on are voiced,
+and HiFT re-reads the previous call's last 8 mel frames and source samples, cross-fades its first 3840 samples with
+the tail it withheld last time (Hamming window), and withholds its own last 3840 samples until the next call.
+When the calls come (VocoderOptions.schedule):
+  live / official-live  the official live server's `process_unit_chunk`: one call per input (a TTS write), n = all
+                        units so far, then offset = n - pre_lookahead; the final input finalizes. The first audio
+                        comes from the first write (10 units: 14 mel frames, 2880 samples out, 3840 withheld).
+  hop                   the offline `run_cosy2_decoder.py --stream`: once `hop + pre_lookahead` units past the offset
+                        exist, units [0, offset + hop + 3) are voiced from 2*offset, offset += hop; the end of the
+                        reply finalizes the rest.
 
 Two flow modes, same frames: `incremental` keeps the completed chunks' layer state (flat cost per call) and
 `recompute` reruns the flow from unit 0 every call (the official cost, for baselines).
@@ -86,7 +91,7 @@ class VocoderStage:
         self.voices = voices  # name -> (192,) tensor; a VocoderDir or any object with .voice(name)
         self.device, self.dtype = torch.device(device), dtype
         self.hop = options.token_hop or cfg.token_hop
-        if self.hop * cfg.flow.token_mel_ratio < cfg.mel_cache_len:
+        if options.schedule == "hop" and self.hop * cfg.flow.token_mel_ratio < cfg.mel_cache_len:
             raise ConfigError(f"token_hop {self.hop} is too small: each call must make at least the "
                               f"{cfg.mel_cache_len} mel frames HiFT overlaps")
         self.look = cfg.flow.pre_lookahead_len
@@ -135,7 +140,9 @@ class VocoderStage:
             self.close(sid)
 
     def step(self, inputs: list[VocoderInput]) -> list[VocoderOutput]:
-        """Take each session's new units and voice every hop they complete (everything, on `final`)."""
+        """Take each session's new units and voice them: under the "hop" schedule every hop they complete
+        (everything, on `final`); under the write schedules ("live", "official-live") each input in one call, as
+        `process_unit_chunk` voices one TTS write (the caller decides what one input holds)."""
         out = []
         for x in inputs:
             s = self.sessions.get(x.session_id)
@@ -152,11 +159,18 @@ class VocoderStage:
                 raise VocoderError(f"{len(s.units)} units exceed the {self.noise.shape[2] // self.ratio}-unit "
                                    "limit of the flow's fixed noise (300 s)")
             pieces = []
-            while len(s.units) - s.offset >= self.hop + self.look:
-                pieces.append(self._voice(s, s.offset + self.hop + self.look, finalize=False))
-                s.offset += self.hop
-            if x.final:
+            if self.opts.schedule == "hop":
+                while len(s.units) - s.offset >= self.hop + self.look:
+                    pieces.append(self._voice(s, s.offset + self.hop + self.look, finalize=False))
+                    s.offset += self.hop
+                if x.final:
+                    pieces.append(self._voice(s, len(s.units), finalize=True))
+            elif x.final:
                 pieces.append(self._voice(s, len(s.units), finalize=True))
+            elif x.units:
+                # The mel of the last `look` units changes with the units that follow: voiced by the next call.
+                pieces.append(self._voice(s, len(s.units), finalize=False))
+                s.offset = max(s.offset, len(s.units) - self.look)
             pcm = torch.cat(pieces, dim=-1) if pieces else torch.zeros(0)
             out.append(VocoderOutput(x.session_id, pcm.float().cpu().numpy(), x.final))
             if x.final:

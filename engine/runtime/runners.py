@@ -9,6 +9,7 @@ exception out of `step` concerns every session in `active()`.
 """
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from omni2.engine.wire.protocol import (
 )
 from omni2.stages.asr import ASRStage
 from omni2.stages.llm import LLMError, LLMStage, LLMTurn
-from omni2.stages.tts import TTSInput, TTSStage
+from omni2.stages.tts import TTSInput, TTSStage, UnitPieces
 from omni2.stages.vocoder import VocoderInput, VocoderStage
 
 
@@ -234,7 +235,7 @@ class TtsRunner(Runner):
         super().__init__()
         self.tts = tts
         self.inputs: list = []
-        self.chunk: dict[str, list[int]] = {}  # units of the chunk being written
+        self.pieces: dict[str, UnitPieces] = {}  # per session: the piece of its write being cut
 
     def _open(self, sid, options):
         _, sampling = options.seeded()
@@ -249,7 +250,7 @@ class TtsRunner(Runner):
         self._drop(sid)
 
     def _drop(self, sid):
-        self.chunk.pop(sid, None)
+        self.pieces.pop(sid, None)
         self.inputs = [x for x in self.inputs if x.session_id != sid]
 
     def feed(self, msg: LlmToTts) -> None:
@@ -266,31 +267,46 @@ class TtsRunner(Runner):
 
     def step(self):
         inputs, self.inputs = self.inputs, []
-        done_sids, units, finals = [], [], []
+        done_sids, units, finals, ends = [], [], [], []
         for t in self.tts.step(inputs):
-            chunk = self.chunk.setdefault(t.session_id, [])
-            if t.unit is not None:
-                chunk.append(t.unit)
-            # A chunk goes out when it ends, and a long one (the final chunk may write up to 1024 units) every
-            # W units on the way, so the vocoder can start on it.
-            if t.chunk_end or len(chunk) >= self.tts.stream.write:
+            pieces = self.pieces.setdefault(t.session_id, UnitPieces(self.tts.stream.write))
+            piece = pieces.push(t)
+            if piece is not None:  # a write, or a W-unit piece of a long one: the vocoder can start on it
                 done_sids.append(t.session_id)
-                units.append(self.chunk.pop(t.session_id))
-                finals.append(t.done)  # never set before the chunk's end
+                units.append(piece[0])
+                finals.append(t.done)  # never set before the write's end
+                ends.append(piece[1])
         if not done_sids:
             return []
         now, turns = time.perf_counter(), [self.turn[s] for s in done_sids]
         return [("tts_out", TtsToEngine(done_sids, turns, units, finals, now)),
-                ("tts_voc", TtsToVocoder(list(done_sids), list(turns), [list(u) for u in units], list(finals), now))]
+                ("tts_voc", TtsToVocoder(list(done_sids), list(turns), [list(u) for u in units], list(finals), now,
+                                         ends))]
+
+
+@dataclass(slots=True)
+class _VocoderCall:
+    """Units waiting to be voiced in one call of the vocoder stage, for one session."""
+
+    units: list[int]
+    final: bool
+    t: float  # when the newest of them left the TTS
+    complete: bool  # every row of the call has arrived (a write schedule voices only complete calls)
 
 
 class VocoderRunner(Runner):
+    """Calls of the vocoder stage, by its schedule: "live" voices each row of TtsToVocoder (a TTS write, or a W-unit
+    piece of a long one), "official-live" each whole write (rows up to one with `ends`), "hop" whatever arrived,
+    at most one hop per call. One call per session per step, oldest first: a long backlog streams out interleaved
+    with other sessions instead of in one long step, with the same PCM."""
+
     stage = "vocoder"
 
     def __init__(self, vocoder):
         super().__init__()
         self.vocoder = vocoder
-        self.pending: dict[str, list] = {}  # sid -> [units, final, t of the newest units]
+        self.schedule = vocoder.opts.schedule
+        self.pending: dict[str, collections.deque[_VocoderCall]] = {}
 
     def _open(self, sid, options):
         self.vocoder.open(sid, options.voice, seed=options.vocoder_seed)
@@ -304,33 +320,43 @@ class VocoderRunner(Runner):
         self.pending.pop(sid, None)
 
     def feed(self, msg: TtsToVocoder) -> None:
-        for sid, turn, units, final in zip(msg.session_ids, msg.turns, msg.units, msg.finals):
-            if self.accept(sid, turn):
-                p = self.pending.setdefault(sid, [[], False, msg.t])
-                p[0].extend(units)
-                p[1] = p[1] or final
-                p[2] = msg.t
+        for i, (sid, turn, units, final) in enumerate(zip(msg.session_ids, msg.turns, msg.units, msg.finals)):
+            if not self.accept(sid, turn):
+                continue
+            end = msg.ends[i] if msg.ends else True
+            q = self.pending.setdefault(sid, collections.deque())
+            grow = q and (self.schedule == "hop" or (self.schedule == "official-live" and not q[-1].complete))
+            if grow:
+                c = q[-1]
+                c.units.extend(units)
+                c.final, c.t, c.complete = c.final or final, msg.t, c.complete or end or final
+            else:
+                q.append(_VocoderCall(list(units), final, msg.t, end or final or self.schedule == "live"))
+
+    def _takeable(self, q) -> bool:
+        return bool(q) and (self.schedule == "hop" or q[0].complete)
 
     def ready(self) -> bool:
-        return bool(self.pending)
+        return any(self._takeable(q) for q in self.pending.values())
 
     def active(self) -> list[str]:
         return list(self.pending)
 
     def step(self):
-        # At most one hop of new units per session per step: a long backlog (the final chunk can hold 1024
-        # units) then streams out hop by hop, interleaved with other sessions, instead of in one long step.
-        # The stage voices the same hops either way, so the PCM is the same.
-        pending, inputs = {}, []
-        for sid, (units, final, t) in list(self.pending.items()):
-            take = units[: self.vocoder.hop]
-            rest = units[len(take):]
-            inputs.append(VocoderInput(sid, take, final and not rest))
-            pending[sid] = (take, final and not rest, t)
-            if rest:
-                self.pending[sid] = [rest, final, t]
+        taken, inputs = {}, []
+        for sid, q in list(self.pending.items()):
+            if not self._takeable(q):
+                continue
+            c = q[0]
+            if self.schedule == "hop" and len(c.units) > self.vocoder.hop:
+                units, c.units = c.units[:self.vocoder.hop], c.units[self.vocoder.hop:]
+                call = _VocoderCall(units, False, c.t, True)
             else:
+                call = q.popleft()
+            if not q:
                 del self.pending[sid]
+            inputs.append(VocoderInput(sid, call.units, call.final))
+            taken[sid] = call
         outs = self.vocoder.step(inputs)
         sids, pcm, finals = [], [], []
         for o in outs:
@@ -346,7 +372,7 @@ class VocoderRunner(Runner):
             return []
         return [("voc_out", VocoderToEngine(sids, [self.turn[s] for s in sids], pcm, finals,
                                             self.vocoder.sample_rate, time.perf_counter(),
-                                            [pending[s][2] for s in sids]))]
+                                            [taken[s].t for s in sids]))]
 
 
 def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: torch.dtype, limits: Limits,

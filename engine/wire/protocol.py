@@ -215,13 +215,16 @@ class LlmToEngine:
 
 @dataclass(slots=True)
 class TtsToVocoder:
-    """Units written this step per session (stages/vocoder.VocoderInput); finals[i] = the reply's last units."""
+    """Units written this step per session (stages/vocoder.VocoderInput); finals[i] = the reply's last units;
+    ends[i] = row i ends a TTS write (a write longer than W arrives as rows of W units; the vocoder schedules
+    voice writes, or those rows)."""
 
     session_ids: list[str]
     turns: list[int]
     units: list[list[int]]
     finals: list[bool]
     t: float
+    ends: list[bool] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -66,6 +66,66 @@ def official_stream(stage, units, voice_spk, hop=50, look=3):
     return torch.cat(out).numpy()
 
 
+def process_unit_chunk_stream(stage, calls, voice_spk, look=3):
+    """serve/flow_inference.py `process_unit_chunk`, transcribed: one token2wav per (units, finalize) call, the
+    flow on all units so far, mel from 2*token_offset, token_offset = len - 3 after a non-final call. Returns the
+    speech each call emits (HiFT's random draws zeroed)."""
+    hcfg, hsd = stage.cfg.hift, oracle_hift.official_state_dict(stage.hift.state_dict())
+    window = torch.from_numpy(np.hamming(2 * 3840)).float()
+    cache, offset, generated, out = None, 0, [], []
+    with torch.inference_mode():
+        for new, finalize in calls:
+            generated += new
+            mel = oracle_token2mel(stage, torch.tensor(generated), voice_spk, finalize)[:, offset * 2:][None]
+            src = torch.zeros(1, 1, 0)
+            if cache is not None:
+                mel = torch.cat([cache["mel"], mel], dim=2)
+                src = cache["source"]
+            L = mel.shape[2] * oracle_hift.samples_per_frame(hcfg)
+            zeros = (torch.zeros(1, hcfg.nb_harmonics + 1, 1), torch.zeros(1, hcfg.nb_harmonics + 1, L))
+            speech, source = oracle_hift.inference(hsd, hcfg, mel, src, draws=zeros)
+            if cache is not None:
+                speech[..., :3840] = speech[..., :3840] * window[:3840] + cache["speech"][..., -3840:] * window[3840:]
+            if not finalize:
+                cache = {"mel": mel[:, :, -8:], "source": source[:, :, -3840:], "speech": speech[:, -3840:]}
+                speech = speech[:, :-3840]
+            offset = len(generated) - look if not finalize else len(generated)
+            out.append(speech[0].numpy())
+    return out
+
+
+UNITS = np.random.default_rng(0).integers(0, 6561, 137).tolist()
+ERR = {"recompute": 1e-2, "incremental": 1e-2}  # measured against the oracles: 7.1e-3 both (PCM peak ~0.5)
+# TTS writes of a reply: full 10-unit chunks, an early-EOS chunk of 6, and a 47-unit final flush.
+WRITES = [UNITS[0:10], UNITS[10:20], UNITS[20:26], UNITS[26:36], UNITS[36:83]]
+
+
+def pieces(writes, w=10):
+    """How the engine's TTS runner cuts writes for the vocoder (stages.tts.UnitPieces): W-unit pieces, the rest
+    with the write's end."""
+    return [(wr[i:i + w], k == len(writes) - 1 and i + w >= len(wr)) for k, wr in enumerate(writes)
+            for i in range(0, max(len(wr), 1), w)]
+
+
+@pytest.mark.parametrize("schedule,mode", [("official-live", "recompute"), ("official-live", "incremental"),
+                                           ("live", "incremental")])
+def test_the_write_schedules_equal_the_official_live_server_call_for_call(stages, schedule, mode):
+    """Driven one input at a time (a TTS write; under "live" a W-unit piece of one), the stage emits per call what
+    `process_unit_chunk` emits for the same calls: first audio from the first 10 units, not after 53."""
+    st = stages(schedule=schedule, mode=mode, deterministic=True)
+    calls = [(w, k == len(WRITES) - 1) for k, w in enumerate(WRITES)] if schedule == "official-live" \
+        else pieces(WRITES)
+    want = process_unit_chunk_stream(st, calls, st.voices.voice("default"))
+    st.open("s")
+    got = [st.step([VocoderInput("s", units, final)])[0].pcm for units, final in calls]
+    st.close("s")
+    assert [g.size for g in got] == [w.size for w in want]
+    assert got[0].size == (2 * (10 - 3) - 8) * 480  # 14 mel frames from the first write, 8 of them withheld
+    err = max(np.abs(g - w).max() for g, w in zip(got, want) if g.size)
+    assert err < ERR[mode], err  # measured: 5.0e-3 official-live (its 47-unit final call), 1.1e-3 live
+    assert sum(g.size for g in got) == 83 * 960
+
+
 def run(stage, units, burst, sid="s", seed=0):
     stage.open(sid, seed=seed)
     pcm = []
@@ -75,16 +135,14 @@ def run(stage, units, burst, sid="s", seed=0):
     return np.concatenate(pcm)
 
 
-UNITS = np.random.default_rng(0).integers(0, 6561, 137).tolist()
-ERR = {"recompute": 1e-2, "incremental": 1e-2}  # measured against the oracles: 7.1e-3 both (PCM peak ~0.5)
 
 
 @pytest.mark.parametrize("mode,burst", [("recompute", 10), ("incremental", 7)])
-def test_the_stream_equals_the_official_token2wav(stages, mode, burst):
+def test_the_hop_schedule_equals_the_official_offline_stream(stages, mode, burst):
     """Mel frames agree with the oracles to ~1e-6 (tests/stages/test_flow.py); HiFT's NSF source integrates f0 into
     a phase over every sample, which turns fp32 rounding differences into larger PCM differences: ERR[mode] is the
     bound, a few times what was measured."""
-    st = stages(mode=mode, deterministic=True)
+    st = stages(schedule="hop", mode=mode, deterministic=True)
     ref = official_stream(st, UNITS, st.voices.voice("default"))
     ours = run(st, UNITS, burst=burst)
     assert ours.shape == ref.shape == (137 * 960,)  # 2 mel frames per unit, 480 samples per frame
@@ -94,13 +152,13 @@ def test_the_stream_equals_the_official_token2wav(stages, mode, burst):
 
 
 def test_recompute_and_incremental_modes_agree(stages):
-    a = run(stages(mode="recompute", deterministic=True), UNITS, burst=10)
-    b = run(stages(mode="incremental", deterministic=True), UNITS, burst=10)
+    a = run(stages(schedule="hop", mode="recompute", deterministic=True), UNITS, burst=10)
+    b = run(stages(schedule="hop", mode="incremental", deterministic=True), UNITS, burst=10)
     assert np.abs(a - b).max() < ERR["incremental"]  # measured 4.1e-3
 
 
-def test_burst_size_does_not_change_the_audio(stages):
-    st = stages(mode="recompute", deterministic=True)
+def test_burst_size_does_not_change_the_audio_of_the_hop_schedule(stages):
+    st = stages(schedule="hop", mode="recompute", deterministic=True)
     assert np.array_equal(run(st, UNITS, burst=10), run(st, UNITS, burst=137))
 
 
@@ -134,6 +192,6 @@ def test_bad_inputs_are_clear_errors(stages):
     with pytest.raises(VocoderError, match="no units"):
         st.synthesize([])
     with pytest.raises(ConfigError, match="token_hop"):
-        stages(token_hop=3)
+        stages(schedule="hop", token_hop=3)
     with pytest.raises(ConfigError, match="mode"):
         VocoderOptions(mode="fast")
