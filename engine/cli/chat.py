@@ -30,8 +30,10 @@ PORTAUDIO_HINT = ("--mic needs the sounddevice package and the PortAudio library
 
 
 def _client(args) -> Client:
-    return Client(args.connect, token=args.token, timeout=args.timeout, curve_server_key=args.curve_server_key,
-                  curve_secret_file=args.curve_secret_file)
+    # --timeout also bounds the wait for a connection (the client's own default is 10 s): `status --timeout 1`
+    # against no daemon answers in 1 s.
+    return Client(args.connect, token=args.token, timeout=args.timeout, connect_timeout=min(args.timeout, 10.0),
+                  curve_server_key=args.curve_server_key, curve_secret_file=args.curve_secret_file)
 
 
 def _open_options(args) -> dict:

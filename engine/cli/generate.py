@@ -61,10 +61,10 @@ def main(args) -> int:
 
 
 def _generate(args) -> int:
+    samples, sr = read_wav(args.wav)  # first: a missing or unreadable question fails before seconds of loading
     limits = Limits(max_sessions=1, max_new_tokens=args.max_new_tokens or Limits().max_new_tokens)
     print(f"loading {args.model_dir} and {args.vocoder_dir} ...", file=sys.stderr)
     pipe = ReferencePipeline(args.model_dir, args.vocoder_dir, device=args.device, limits=limits)
-    samples, sr = read_wav(args.wav)
     opts = session_options(args.seed, args.greedy, args.voice, args.max_new_tokens)
     reply = run_turn(pipe, samples, sr, opts, on_text=lambda t: print(t, end="", flush=True))
     print()

@@ -119,7 +119,6 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_positive(args, "max_new_tokens", "threads")  # before the import: generate loads torch
     from omni2.engine.cli import generate
 
-
     return generate.main(args)
 
 
@@ -167,7 +166,7 @@ def _read_token(path: str | None) -> str | None:
 
     try:
         token = Path(path).read_text().strip()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:  # a binary file too: name the option, not just the codec
         raise ConfigError(f"cannot read --token-file {path}: {e}") from e
     if not token or len(token) > 4096 or not token.isprintable():
         raise ConfigError(f"--token-file {path} must hold one printable token of 1-4096 characters")
