@@ -167,7 +167,7 @@ class VocoderStage:
                     pieces.append(self._voice(s, len(s.units), finalize=True))
             elif x.final:
                 pieces.append(self._voice(s, len(s.units), finalize=True))
-            elif x.units:
+            elif x.units and self._long_enough(s):
                 # The mel of the last `look` units changes with the units that follow: voiced by the next call.
                 pieces.append(self._voice(s, len(s.units), finalize=False))
                 s.offset = max(s.offset, len(s.units) - self.look)
@@ -176,6 +176,14 @@ class VocoderStage:
             if x.final:
                 self.cancel(x.session_id)
         return out
+
+    def _long_enough(self, s: _Session) -> bool:
+        """Would a non-final call now give HiFT at least the 8 mel frames it keeps for the next call's overlap?
+        A first write of fewer than 7 units would not (the official server then fails on a shape mismatch in its
+        cross-fade): it waits, and the next write voices it with its own units."""
+        new_frames = self.ratio * (len(s.units) - self.look - s.offset)
+        held = 0 if s.cache is None else self.cfg.mel_cache_len
+        return held + new_frames >= self.cfg.mel_cache_len
 
     @torch.inference_mode()
     def _voice(self, s: _Session, n: int, finalize: bool) -> torch.Tensor:

@@ -126,6 +126,21 @@ def test_the_write_schedules_equal_the_official_live_server_call_for_call(stages
     assert sum(g.size for g in got) == 83 * 960
 
 
+def test_a_first_write_too_short_for_the_overlap_waits_for_the_next(stages):
+    """A first write of 6 units makes 6 mel frames, fewer than the 8 HiFT keeps for the next call's cross-fade: it
+    is voiced together with the next write, exactly as if the two had been one."""
+    st = stages(schedule="live", deterministic=True)
+    writes = [UNITS[0:6], UNITS[6:16], UNITS[16:40]]
+    st.open("s")
+    got = [st.step([VocoderInput("s", w, k == 2)])[0].pcm for k, w in enumerate(writes)]
+    st.close("s")
+    assert got[0].size == 0
+    want = process_unit_chunk_stream(st, [(writes[0] + writes[1], False), (writes[2], True)],
+                                     st.voices.voice("default"))
+    assert [g.size for g in got[1:]] == [w.size for w in want]
+    assert max(np.abs(g - w).max() for g, w in zip(got[1:], want)) < ERR["incremental"]
+
+
 def run(stage, units, burst, sid="s", seed=0):
     stage.open(sid, seed=seed)
     pcm = []
