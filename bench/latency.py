@@ -28,7 +28,7 @@ import numpy as np
 from omni2.engine.checkpoints.model_writer import write_checkpoint
 from omni2.engine.checkpoints.vocoder_writer import write_vocoder_checkpoint
 from omni2.engine.cli.generate import run_turn, session_options
-from omni2.engine.config import EngineConfig, Limits
+from omni2.engine.config import VOCODER_SCHEDULES, EngineConfig, Limits, VocoderOptions
 from omni2.engine.reference import ReferencePipeline
 from omni2.engine.runtime import Engine
 from omni2.engine.wire.protocol import AudioDelta, ErrorEvent, TurnDone
@@ -45,7 +45,9 @@ def single_process(model_dir, vocoder_dir, baseline: bool, args, limits) -> dict
 
     dtype = getattr(torch, args.dtype)
     device = "cuda" if args.placement != "cpu" else "cpu"
-    pipe = ReferencePipeline(model_dir, vocoder_dir, device=device, dtype=dtype, limits=limits, baseline=baseline)
+    voc = VocoderOptions(schedule="hop" if baseline else args.vocoder_schedule)
+    pipe = ReferencePipeline(model_dir, vocoder_dir, device=device, dtype=dtype, limits=limits, baseline=baseline,
+                             vocoder_options=voc)
     run_turn(pipe, question(args.seconds, 99), 16000, session_options(seed=99))  # warm-up, not recorded
     runs = []
     for i in range(args.turns):
@@ -56,7 +58,8 @@ def single_process(model_dir, vocoder_dir, baseline: bool, args, limits) -> dict
 
 
 def engine_runs(model_dir, vocoder_dir, args, limits) -> dict:
-    cfg = EngineConfig(str(model_dir), str(vocoder_dir), placement=args.placement, dtype=args.dtype, limits=limits)
+    cfg = EngineConfig(str(model_dir), str(vocoder_dir), placement=args.placement, dtype=args.dtype, limits=limits,
+                       vocoder_options=VocoderOptions(schedule=args.vocoder_schedule))
     out = {}
     with Engine(cfg) as eng:
         eng.open("warm-up", session_options(seed=99))  # first calls pay lazy initialisation: not recorded
@@ -110,6 +113,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--vocoder-schedule", default="live", choices=VOCODER_SCHEDULES,
+                    help="when the vocoder voices (the baseline keeps the official offline hop of 50)")
     ap.add_argument("--out", default=None, help="JSON file (default bench/results/latency-<preset>.json)")
     ap.add_argument("--png", action="store_true", help="also plot the latency terms (needs matplotlib)")
     args = ap.parse_args()
@@ -124,7 +129,7 @@ def main() -> int:
     limits = Limits(max_sessions=max(args.sessions), max_new_tokens=args.max_new_tokens)
 
     result = {"preset": args.preset, "placement": args.placement, "dtype": args.dtype, "seconds": args.seconds,
-              "max_new_tokens": args.max_new_tokens, "systems": {}}
+              "max_new_tokens": args.max_new_tokens, "vocoder_schedule": args.vocoder_schedule, "systems": {}}
     for name, baseline in ((("baseline", True),) if not args.skip_baseline else ()) + (("reference", False),):
         result["systems"][name] = single_process(model_dir, vocoder_dir, baseline, args, limits)
         print(f"{name}: " + summary(result["systems"][name]["runs"]), file=sys.stderr)

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 
 from omni2.engine.audio import read_wav
+from omni2.engine.cli.main import vocoder_options
 from omni2.engine.cli.reply import Reply
 from omni2.engine.config import Limits, SamplingParams, SessionOptions
 from omni2.engine.reference import ReferencePipeline
@@ -64,7 +65,8 @@ def _generate(args) -> int:
     samples, sr = read_wav(args.wav)  # first: a missing or unreadable question fails before seconds of loading
     limits = Limits(max_sessions=1, max_new_tokens=args.max_new_tokens or Limits().max_new_tokens)
     print(f"loading {args.model_dir} and {args.vocoder_dir} ...", file=sys.stderr)
-    pipe = ReferencePipeline(args.model_dir, args.vocoder_dir, device=args.device, limits=limits)
+    pipe = ReferencePipeline(args.model_dir, args.vocoder_dir, device=args.device, limits=limits,
+                             vocoder_options=vocoder_options(args))
     opts = session_options(args.seed, args.greedy, args.voice, args.max_new_tokens)
     reply = run_turn(pipe, samples, sr, opts, on_text=lambda t: print(t, end="", flush=True))
     print()

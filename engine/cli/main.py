@@ -90,6 +90,22 @@ def _run_voice_list(args: argparse.Namespace) -> int:
 # -- other subcommands (serve, generate, chat) register here -----------------------------------------------------
 
 
+def _add_vocoder_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocoder-schedule", choices=("live", "official-live", "hop"), default="live",
+                   help="when speech is voiced: live = each TTS write at once, a long final write in pieces "
+                        "(default); official-live = each write in one call, as the official live server; hop = "
+                        "every --hop units, as the official offline script")
+    p.add_argument("--hop", type=int, default=None, help="units per vocoder call of the hop schedule (default 50)")
+
+
+def vocoder_options(args: argparse.Namespace):
+    from omni2.engine.config import VocoderOptions
+
+    if args.hop is not None and args.vocoder_schedule != "hop":
+        raise ConfigError("--hop applies to --vocoder-schedule hop only")
+    return VocoderOptions(schedule=args.vocoder_schedule, token_hop=args.hop)
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer one spoken question in one process (the reference pipeline)",
                        description="Speech in, text + speech out: ASR -> LLM -> TTS -> vocoder, sequentially.")
@@ -104,6 +120,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voice", default="default", help="speaker voice name (see `omni2-engine voice list`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    _add_vocoder_options(p)
     p.set_defaults(func=_run_generate)
 
 
@@ -116,7 +133,8 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    _check_positive(args, "max_new_tokens", "threads")  # before the import: generate loads torch
+    _check_positive(args, "max_new_tokens", "threads", "hop")  # before the import: generate loads torch
+    vocoder_options(args)
     from omni2.engine.cli import generate
 
     return generate.main(args)
@@ -156,6 +174,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, default=900.0,
                    help="close a session that has seen nothing for this many seconds (default 900)")
     p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default INFO)")
+    _add_vocoder_options(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -187,7 +206,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     Placement.parse(args.placement)
-    _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client")
+    _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop")
+    vocoder_options(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s omni2-engine serve: %(message)s",
                         stream=sys.stderr)
     log = logging.getLogger("omni2.serve")
@@ -214,7 +234,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{model_dir} is not a model directory (config.json: {e})") from e
     cfg = dataclasses.replace(cfg, stream_params=StreamParams.parse(raw.get("stream_params")).to_str())
     engine_cfg = EngineConfig(model_dir=str(model_dir), vocoder_dir=str(vocoder_dir), placement=args.placement,
-                              dtype=args.dtype, limits=limits, threads=args.threads, hang_s=args.hang_timeout)
+                              dtype=args.dtype, limits=limits, threads=args.threads, hang_s=args.hang_timeout,
+                              vocoder_options=vocoder_options(args))
 
     from omni2.engine.runtime import EngineError
     from omni2.engine.serve.daemon import serve
