@@ -305,7 +305,10 @@ def reference_conversation(ref, opts, questions):
 @pytest.mark.parametrize("when", ["at_once", "mid_reply", "after_the_thinker_finished"])
 def test_a_cancelled_turn_leaves_the_conversation_as_it_was(engine, ref, when):
     """The rule: a turn that is cancelled (or fails) never enters the conversation, whether the thinker had
-    already finished its answer or not: the next turn answers as if it had not been asked."""
+    already finished its answer or not: the next turn answers as if it had not been asked. (The tiny thinker's
+    greedy reply barely depends on its history, so the discriminating proof that a left-out turn is not read is
+    tests/stages/test_llm.py; here: the engine names the right history at every timing, and the reply equals a
+    conversation without the turn.)"""
     opts = session_options(seed=4, greedy=True)
     want = reference_conversation(ref, opts, [3, 5])[-1]
     sid = f"history-{when}"
@@ -324,6 +327,7 @@ def test_a_cancelled_turn_leaves_the_conversation_as_it_was(engine, ref, when):
                 time.sleep(0.01)
             assert engine._sessions[sid].turn is not None  # ... and the turn is not done
         engine.cancel(sid)
+        assert engine._sessions[sid].history == [0]  # what the next turn's thinker will read (test_runners.py)
         engine.stall_tail.clear()
         got = list(engine.turn(sid, speech(5), timeout=60))
     finally:

@@ -1,0 +1,58 @@
+"""Stage runners without processes or models: what they hand the stage objects, given the wire messages."""
+import numpy as np
+import torch
+
+from omni2.engine.config import Limits, SessionOptions, VocoderOptions
+from omni2.engine.runtime.runners import AsrRunner, LlmRunner, VocoderRunner, to_wire
+from omni2.engine.wire.protocol import AsrToLlm, EngineToAsr, TtsToVocoder
+
+
+class Recorder:
+    """A stage object that records its calls."""
+
+    def __init__(self, **attrs):
+        self.calls = []
+        self.__dict__.update(attrs)
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self.calls.append((name, a, k))
+
+
+def test_the_history_the_engine_names_reaches_the_thinker():
+    asr = AsrRunner(Recorder(step=lambda batch: [(sid, torch.zeros(3, 4)) for sid, _ in batch]), Limits())
+    asr.open(to_wire("s", SessionOptions()))
+    asr.feed(EngineToAsr(["s"], [2], [np.zeros(1600, np.float32)], [True], 16000, 0.0, [[0]]))
+    (_, out), = asr.step()
+    assert out.turns == [2] and out.histories == [[0]]
+    llm = LlmRunner(Recorder(sessions={}))
+    llm.open(to_wire("s", SessionOptions()))
+    llm.feed(AsrToLlm(["s"], [2], out.speech, [None], 0.0, out.histories))
+    (name, (turn,), _), = [c for c in llm.llm.calls if c[0] == "admit"]
+    assert (turn.uid, turn.history) == (2, [0])
+    llm.feed(AsrToLlm(["s"], [3], out.speech, [None], 0.0))  # no histories: every finished turn
+    assert [c[1][0].history for c in llm.llm.calls if c[0] == "admit"] == [[0], None]
+
+
+def test_the_vocoder_runner_calls_by_its_schedule():
+    """live: one call per row; official-live: rows joined up to the one that ends the write; hop: merged."""
+    rows = TtsToVocoder(["s"] * 3, [0] * 3, [[1] * 10, [2] * 10, [3] * 4], [False, False, True], 0.0,
+                        [False, False, True])  # one 24-unit write, cut in W = 10 pieces
+    got = {}
+    for schedule in ("live", "official-live", "hop"):
+        calls = []
+        stage = Recorder(opts=VocoderOptions(schedule=schedule), hop=50, sample_rate=24000,
+                         step=lambda inputs, calls=calls: calls.append([(x.units, x.final) for x in inputs]) or [])
+        r = VocoderRunner(stage)
+        r.open(to_wire("s", SessionOptions()))
+        r.feed(rows)
+        while r.ready():
+            r.step()
+        got[schedule] = calls
+    assert got["live"] == [[([1] * 10, False)], [([2] * 10, False)], [([3] * 4, True)]]
+    partial = TtsToVocoder(["s"], [0], [[1] * 10], [False], 0.0, [False])
+    for schedule, ready in (("live", True), ("official-live", False)):  # official-live waits for the whole write
+        r = VocoderRunner(Recorder(opts=VocoderOptions(schedule=schedule), hop=50))
+        r.open(to_wire("s", SessionOptions()))
+        r.feed(partial)
+        assert r.ready() is ready
+    assert got["official-live"] == got["hop"] == [[([1] * 10 + [2] * 10 + [3] * 4, True)]]
