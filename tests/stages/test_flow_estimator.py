@@ -18,6 +18,7 @@ from omni2.stages.flow_cache import Span
 from omni2.stages.flow_estimator import FlowEstimator
 
 from . import oracle_flow_estimator as oracle
+from .test_flow import randomize
 
 CHUNK = 8  # frames per attention chunk: 37 frames span 5 chunks, the last one partial
 T_ODD = 37
@@ -28,21 +29,6 @@ def est_cfg(chunk: int = CHUNK) -> FlowEstimatorConfig:
     channels != 64 channels, as in CosyVoice2 (512 != 256), so q/k/v and to_out shapes cannot be confused."""
     return FlowEstimatorConfig(channels=(64,), n_blocks=2, num_mid_blocks=2, num_heads=4, attention_head_dim=24,
                                static_chunk_size=chunk)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights with non-trivial norm scales/shifts and biases; fan-in scaled so activations stay O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.dim() == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.2 * r)
-            elif p.dim() == 1:
-                p.copy_(0.1 * r)
-            else:
-                p.copy_(r / max(1, p[0].numel()) ** 0.5)
-    return module.eval().requires_grad_(False)
 
 
 def official(est: FlowEstimator) -> dict[str, torch.Tensor]:

@@ -34,63 +34,54 @@ def oracle_token2mel(stage, tokens: torch.Tensor, spk: torch.Tensor, finalize: b
                                                cfg.cfm.inference_cfg_rate, cfg.cfm.temperature)[0]
 
 
-def official_stream(stage, units, voice_spk, hop=50, look=3):
-    """run_cosy2_decoder.py --stream, transcribed: returns the concatenated speech (HiFT's random draws zeroed)."""
-    hcfg, hsd = stage.cfg.hift, oracle_hift.official_state_dict(stage.hift.state_dict())
-    window = torch.from_numpy(np.hamming(2 * 3840)).float()
-    cache, offset, out = None, 0, []
-    tokens = torch.tensor(units)
+class Token2Wav:
+    """SpeechDecoder.token2wav, transcribed over the oracles: flow on units [0, n), mel from 2*offset, HiFT with the
+    8-frame mel / 3840-sample source overlap, the Hamming cross-fade, and the withheld tail (HiFT's random draws
+    zeroed). One per reply: it holds the overlap cache."""
 
-    def token2wav(n, offset, finalize):
-        nonlocal cache
-        mel = oracle_token2mel(stage, tokens[:n], voice_spk, finalize)[:, offset * 2:][None]
+    def __init__(self, stage, voice_spk):
+        self.stage, self.spk, self.cache = stage, voice_spk, None
+        self.hcfg, self.hsd = stage.cfg.hift, oracle_hift.official_state_dict(stage.hift.state_dict())
+        self.window = torch.from_numpy(np.hamming(2 * 3840)).float()
+
+    @torch.inference_mode()
+    def __call__(self, units: list[int], offset: int, finalize: bool) -> np.ndarray:
+        mel = oracle_token2mel(self.stage, torch.tensor(units), self.spk, finalize)[:, offset * 2:][None]
         src = torch.zeros(1, 1, 0)
-        if cache is not None:
-            mel = torch.cat([cache["mel"], mel], dim=2)
-            src = cache["source"]
-        L = mel.shape[2] * oracle_hift.samples_per_frame(hcfg)
-        zeros = (torch.zeros(1, hcfg.nb_harmonics + 1, 1), torch.zeros(1, hcfg.nb_harmonics + 1, L))
-        speech, source = oracle_hift.inference(hsd, hcfg, mel, src, draws=zeros)
-        if cache is not None:
-            speech[..., :3840] = speech[..., :3840] * window[:3840] + cache["speech"][..., -3840:] * window[3840:]
+        if self.cache is not None:
+            mel = torch.cat([self.cache["mel"], mel], dim=2)
+            src = self.cache["source"]
+        L = mel.shape[2] * oracle_hift.samples_per_frame(self.hcfg)
+        zeros = (torch.zeros(1, self.hcfg.nb_harmonics + 1, 1), torch.zeros(1, self.hcfg.nb_harmonics + 1, L))
+        speech, source = oracle_hift.inference(self.hsd, self.hcfg, mel, src, draws=zeros)
+        w = self.window
+        if self.cache is not None:
+            speech[..., :3840] = speech[..., :3840] * w[:3840] + self.cache["speech"][..., -3840:] * w[3840:]
         if not finalize:
-            cache = {"mel": mel[:, :, -8:], "source": source[:, :, -3840:], "speech": speech[:, -3840:]}
+            self.cache = {"mel": mel[:, :, -8:], "source": source[:, :, -3840:], "speech": speech[:, -3840:]}
             speech = speech[:, :-3840]
-        return speech[0]
+        return speech[0].numpy()
 
-    with torch.inference_mode():
-        while len(units) - offset >= hop + look:
-            out.append(token2wav(offset + hop + look, offset, False))
-            offset += hop
-        out.append(token2wav(len(units), offset, True))
-    return torch.cat(out).numpy()
+
+def official_stream(stage, units, voice_spk, hop=50, look=3):
+    """run_cosy2_decoder.py --stream, transcribed: a call per `hop` units once `hop + look` are past the offset,
+    then a final one. Returns the concatenated speech."""
+    token2wav, offset, out = Token2Wav(stage, voice_spk), 0, []
+    while len(units) - offset >= hop + look:
+        out.append(token2wav(units[:offset + hop + look], offset, False))
+        offset += hop
+    out.append(token2wav(units, offset, True))
+    return np.concatenate(out)
 
 
 def process_unit_chunk_stream(stage, calls, voice_spk, look=3):
-    """serve/flow_inference.py `process_unit_chunk`, transcribed: one token2wav per (units, finalize) call, the
-    flow on all units so far, mel from 2*token_offset, token_offset = len - 3 after a non-final call. Returns the
-    speech each call emits (HiFT's random draws zeroed)."""
-    hcfg, hsd = stage.cfg.hift, oracle_hift.official_state_dict(stage.hift.state_dict())
-    window = torch.from_numpy(np.hamming(2 * 3840)).float()
-    cache, offset, generated, out = None, 0, [], []
-    with torch.inference_mode():
-        for new, finalize in calls:
-            generated += new
-            mel = oracle_token2mel(stage, torch.tensor(generated), voice_spk, finalize)[:, offset * 2:][None]
-            src = torch.zeros(1, 1, 0)
-            if cache is not None:
-                mel = torch.cat([cache["mel"], mel], dim=2)
-                src = cache["source"]
-            L = mel.shape[2] * oracle_hift.samples_per_frame(hcfg)
-            zeros = (torch.zeros(1, hcfg.nb_harmonics + 1, 1), torch.zeros(1, hcfg.nb_harmonics + 1, L))
-            speech, source = oracle_hift.inference(hsd, hcfg, mel, src, draws=zeros)
-            if cache is not None:
-                speech[..., :3840] = speech[..., :3840] * window[:3840] + cache["speech"][..., -3840:] * window[3840:]
-            if not finalize:
-                cache = {"mel": mel[:, :, -8:], "source": source[:, :, -3840:], "speech": speech[:, -3840:]}
-                speech = speech[:, :-3840]
-            offset = len(generated) - look if not finalize else len(generated)
-            out.append(speech[0].numpy())
+    """serve/flow_inference.py `process_unit_chunk`, transcribed: one token2wav per (units, finalize) call on all
+    units so far, token_offset = len - 3 after a non-final call. Returns the speech each call emits."""
+    token2wav, offset, generated, out = Token2Wav(stage, voice_spk), 0, [], []
+    for new, finalize in calls:
+        generated += new
+        out.append(token2wav(generated, offset, finalize))
+        offset = len(generated) if finalize else len(generated) - look
     return out
 
 
