@@ -5,10 +5,12 @@
 
 TTS: one chunk = read R thinker tokens, write W units (EOS disabled so every chunk writes all W). Ours appends
 the chunk to a kept KV cache; the baseline (`TTSOptions(reprefill=True)`) re-prefills the whole history, as
-LLMSpeechGenerator.generate_units does. Vocoder: one chunk = the 10 units a TTS chunk writes, voiced with a
-10-unit hop; ours keeps the flow's completed chunks, the baseline reruns the flow from unit 0 (token2wav).
-Prints ms per chunk for chunks 1..N; ours must stay flat. On a CPU shared with other work, run it with
-OMP_NUM_THREADS=1: torch's spinning worker threads make small ops erratic (10-100x) on a busy 2-core machine.
+LLMSpeechGenerator.generate_units does. Vocoder: one chunk = the 10 units a TTS chunk writes, voiced as the live
+schedule does (one token2wav per write); ours keeps the flow's completed chunks, the baseline reruns the flow from
+unit 0 (token2wav). Prints ms per chunk for chunks 1..N; ours must stay flat. With --memory it also prints the
+flow state a session holds after each second of audio, exact and windowed (`--left-chunks K`).
+On a CPU shared with other work, run it with OMP_NUM_THREADS=1: torch's spinning worker threads make small ops
+erratic (10-100x) on a busy 2-core machine.
 """
 from __future__ import annotations
 
@@ -54,20 +56,23 @@ def tts_chunks(md: ModelDir, opts: TTSOptions, n_chunks: int, device, dtype) -> 
     return times
 
 
-def vocoder_chunks(vocoder_dir: Path, mode: str, n_chunks: int, device, dtype) -> list[float]:
-    stage = VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=1), VocoderOptions(mode=mode, token_hop=10),
-                                         device=device, dtype=dtype)
+def vocoder_chunks(vocoder_dir: Path, mode: str, n_chunks: int, device, dtype,
+                   left_chunks: int | None = None) -> tuple[list[float], list[int]]:
+    """ms per 10-unit write, and the session's flow state in bytes after each (0 in recompute mode)."""
+    opts = VocoderOptions(schedule="live", mode=mode, left_chunks=left_chunks)
+    stage = VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=1), opts, device=device, dtype=dtype)
     stage.open("s")
-    units = np.random.default_rng(0).integers(0, 6561, 10 * n_chunks + 3).tolist()
-    stage.step([VocoderInput("s", units[:3])])  # the pre-lookahead: the first call then fires on 13 units
-    times = []
+    units = np.random.default_rng(0).integers(0, 6561, 10 * n_chunks).tolist()
+    times, state = [], []
     for c in range(n_chunks):
         _sync(device)
         t0 = time.perf_counter()
-        stage.step([VocoderInput("s", units[3 + 10 * c: 13 + 10 * c])])
+        stage.step([VocoderInput("s", units[10 * c: 10 * c + 10])])
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return times
+        stream = stage.sessions["s"].stream
+        state.append(stream.cache_bytes() if stream is not None else 0)
+    return times, state
 
 
 def main(argv=None) -> None:
@@ -80,6 +85,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--memory", action="store_true", help="only the vocoder's flow state per session: exact (and "
+                    "--left-chunks K) as the reply grows, in MB per second of audio")
+    ap.add_argument("--left-chunks", type=int, default=2, help="window of the windowed flow (default 2)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -94,12 +102,28 @@ def main(argv=None) -> None:
         write_vocoder_checkpoint(root, preset=args.preset)
     md = ModelDir(model_dir)
     torch.set_grad_enabled(False)
+    if args.memory:
+        n = args.voc_chunks or args.chunks
+        rows = {f"exact {str(dtype).split('.')[-1]}": vocoder_chunks(vocoder_dir, "incremental", n, device, dtype),
+                f"window k={args.left_chunks}": vocoder_chunks(vocoder_dir, "incremental", n, device, dtype,
+                                                               args.left_chunks)}
+        print(f"preset {args.preset}: flow state per session (MB) after each 10-unit write (0.4 s of audio), "
+              f"and ms per write")
+        for name, (times, state) in rows.items():
+            marks = [c for c in (24, 99, 249) if c < n]  # after 10 s, 40 s, 100 s of audio
+            at = ", ".join(f"{(c + 1) * 0.4:.0f} s: {state[c] / 1e6:.0f} MB" for c in marks)
+            print(f"{name:>14}: {at}; {state[-1] / 1e6 / ((n) * 0.4):.1f} MB/s at the end; ms per write: "
+                  f"first 3 median {np.median(times[:3]):.1f}, last 3 median {np.median(times[-3:]):.1f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"preset": args.preset, **{k: {"ms": t, "bytes": b}
+                                                                           for k, (t, b) in rows.items()}}))
+        return
 
     res = {
         "tts_ours": tts_chunks(md, TTSOptions(), args.chunks, device, dtype),
         "tts_official": tts_chunks(md, TTSOptions(reprefill=True), args.chunks, device, dtype),
-        "voc_ours": vocoder_chunks(vocoder_dir, "incremental", args.voc_chunks or args.chunks, device, dtype),
-        "voc_official": vocoder_chunks(vocoder_dir, "recompute", args.voc_chunks or args.chunks, device, dtype),
+        "voc_ours": vocoder_chunks(vocoder_dir, "incremental", args.voc_chunks or args.chunks, device, dtype)[0],
+        "voc_official": vocoder_chunks(vocoder_dir, "recompute", args.voc_chunks or args.chunks, device, dtype)[0],
     }
     print(f"preset {args.preset}  device {device}  dtype {str(dtype).split('.')[-1]}  "
           f"torch threads {torch.get_num_threads()}  (ms per chunk)")
