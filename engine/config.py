@@ -446,6 +446,7 @@ class VocoderOptions:
 # ---------------------------------------------------------------------------------------- engine and daemon
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def default_worker_threads() -> int:
@@ -477,6 +478,9 @@ class EngineConfig:
     start_timeout_s: float = 600.0
     open_timeout_s: float = 60.0
     threads: int | None = None
+    # Flow state all sessions together may hold (bytes; None = no check): a session is admitted only if the
+    # longest reply the limits allow still fits (docs/ARCHITECTURE.md, "Vocoder memory").
+    vocoder_memory_bytes: int | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

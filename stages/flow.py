@@ -40,6 +40,21 @@ def kv_bytes_per_second(cfg: FlowConfig, bytes_per_value: int = 4) -> float:
     return float((enc + dec) * bytes_per_value)
 
 
+def state_bytes_bound(cfg: FlowConfig, units: int, left_chunks: int | None, recompute: bool,
+                      bytes_per_value: int = 4) -> int:
+    """The most flow state one session can hold over a reply of `units` units: the exact stream's K/V grow with
+    the reply (kv_bytes_per_second), a window of k left chunks holds k + 1 chunks (the open one too), a recompute
+    keeps nothing between calls. x1.5: the K/V buffers grow by half when full (StreamKVCache)."""
+    if recompute:
+        return 0
+    chunk_s = max(cfg.encoder.static_chunk_size / cfg.input_frame_rate,
+                  cfg.estimator.static_chunk_size / (cfg.input_frame_rate * cfg.token_mel_ratio))
+    seconds = units / cfg.input_frame_rate
+    if left_chunks is not None:
+        seconds = min(seconds, (left_chunks + 1) * chunk_s)
+    return int(1.5 * kv_bytes_per_second(cfg, bytes_per_value) * seconds)
+
+
 class CFM(nn.Module):
     """`flow.decoder`: CausalConditionalCFM. Only the estimator has weights; the noise is passed in."""
 

@@ -96,6 +96,9 @@ def _add_vocoder_options(p: argparse.ArgumentParser) -> None:
                         "(default); official-live = each write in one call, as the official live server; hop = "
                         "every --hop units, as the official offline script")
     p.add_argument("--hop", type=int, default=None, help="units per vocoder call of the hop schedule (default 50)")
+    p.add_argument("--vocoder-left-chunks", type=int, default=None,
+                   help="bounded vocoder memory: flow attention sees the last K chunks only (not the official "
+                        "output; default: all, exact; docs/ARCHITECTURE.md, \"Vocoder memory\")")
 
 
 def vocoder_options(args: argparse.Namespace):
@@ -103,7 +106,7 @@ def vocoder_options(args: argparse.Namespace):
 
     if args.hop is not None and args.vocoder_schedule != "hop":
         raise ConfigError("--hop applies to --vocoder-schedule hop only")
-    return VocoderOptions(schedule=args.vocoder_schedule, token_hop=args.hop)
+    return VocoderOptions(schedule=args.vocoder_schedule, token_hop=args.hop, left_chunks=args.vocoder_left_chunks)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -133,7 +136,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    _check_positive(args, "max_new_tokens", "threads", "hop")  # before the import: generate loads torch
+    _check_positive(args, "max_new_tokens", "threads", "hop", "vocoder_left_chunks")  # before loading torch
     vocoder_options(args)
     from omni2.engine.cli import generate
 
@@ -157,6 +160,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per stage worker (default: the cores shared out among the four workers)")
+    p.add_argument("--vocoder-memory", type=float, default=None, metavar="GB",
+                   help="admit a session only while the vocoder state of the longest replies still fits in GB "
+                        "(default: no check); refused opens get engine_full")
     p.add_argument("--hang-timeout", type=float, default=1.0,
                    help="seconds without a worker heartbeat before it counts as hung and is restarted (default 1)")
     p.add_argument("--bind", default=_ADDRESS, help=f"ZMQ endpoint (default {_ADDRESS}; a non-loopback address "
@@ -206,7 +212,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     Placement.parse(args.placement)
-    _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop")
+    _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop",
+                    "vocoder_left_chunks")
+    if args.vocoder_memory is not None and not args.vocoder_memory > 0:
+        raise ConfigError(f"--vocoder-memory must be a positive number of GB, got {args.vocoder_memory}")
     vocoder_options(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s omni2-engine serve: %(message)s",
                         stream=sys.stderr)
@@ -233,9 +242,10 @@ def _run_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{model_dir} is not a model directory (config.json: {e})") from e
     cfg = dataclasses.replace(cfg, stream_params=StreamParams.parse(raw.get("stream_params")).to_str())
+    budget = None if args.vocoder_memory is None else int(args.vocoder_memory * 1e9)
     engine_cfg = EngineConfig(model_dir=str(model_dir), vocoder_dir=str(vocoder_dir), placement=args.placement,
                               dtype=args.dtype, limits=limits, threads=args.threads, hang_s=args.hang_timeout,
-                              vocoder_options=vocoder_options(args))
+                              vocoder_options=vocoder_options(args), vocoder_memory_bytes=budget)
 
     from omni2.engine.runtime import EngineError
     from omni2.engine.serve.daemon import serve

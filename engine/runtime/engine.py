@@ -36,7 +36,15 @@ import zmq
 from omni2.engine.audio import AudioError, prepare_audio
 from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.checkpoints.vocoder_dir import VocoderDir
-from omni2.engine.config import STAGES, EngineConfig, Placement, SessionOptions
+from omni2.engine.config import (
+    DTYPE_BYTES,
+    STAGES,
+    EngineConfig,
+    FlowConfig,
+    ModelConfig,
+    Placement,
+    SessionOptions,
+)
 from omni2.engine.runtime.runners import to_wire
 from omni2.engine.runtime.supervisor import Supervisor
 from omni2.engine.runtime.topology import EDGES, ENGINE, inputs_of, ring_sizes
@@ -61,6 +69,8 @@ from omni2.engine.wire.protocol import (
     VocoderToEngine,
     WorkerReady,
 )
+from omni2.stages.flow import state_bytes_bound
+from omni2.stages.tts import FINAL_MAX_UNITS
 
 log = logging.getLogger("omni2.engine")
 _CANCELLED = object()  # ends an events() iterator without an event
@@ -123,6 +133,7 @@ class Engine:
         self.sample_rate = self.vocoder_dir.config.sample_rate
         self.read = md.config.generator.stream.read
         self.limits = config.limits
+        self.session_flow_bytes = session_flow_bytes(config, md.config, self.vocoder_dir.config.flow)
         self._lock = threading.RLock()  # sessions, turns and acks: user threads and the loop thread
         self._sessions: dict[str, _Session] = {}  # by user id
         self._by_key: dict[str, _Session] = {}
@@ -221,6 +232,12 @@ class Engine:
             if len(self._sessions) >= self.limits.max_sessions:
                 raise EngineError("too_many_sessions", f"all {self.limits.max_sessions} sessions are in use "
                                   "(close one, or start the engine with more --max-sessions)")
+            budget = self.config.vocoder_memory_bytes
+            if budget is not None and (len(self._sessions) + 1) * self.session_flow_bytes > budget:
+                raise EngineError("engine_full", f"{len(self._sessions)} sessions are open and another could hold "
+                                  f"{self.session_flow_bytes / 1e9:.2f} GB of vocoder state, past the "
+                                  f"{budget / 1e9:.2f} GB budget (close a session, or use a bounded vocoder "
+                                  "memory mode: --vocoder-left-chunks)")
             if options.voice not in self.voices():
                 raise EngineError("unknown_voice", f"no voice {options.voice!r}; voices: {', '.join(self.voices())}")
             s = _Session(session_id, f"s{next(self._keys)}", options)
@@ -580,6 +597,15 @@ class Engine:
                 pass
         shm.sweep(self.prefix, self.ipc_dir)
         log.info("engine stopped")
+
+
+def session_flow_bytes(cfg: EngineConfig, model: ModelConfig, flow: FlowConfig) -> int:
+    """The most flow state one session's reply can hold: the longest reply the limits allow is
+    ceil(max_new_tokens / R) writes of W units plus the final flush."""
+    stream = model.generator.stream
+    units = -(-cfg.limits.max_new_tokens // stream.read) * stream.write + FINAL_MAX_UNITS
+    opts = cfg.vocoder_options
+    return state_bytes_bound(flow, units, opts.left_chunks, opts.mode == "recompute", DTYPE_BYTES[cfg.dtype])
 
 
 def _drop_cancel_marks(q: queue.Queue) -> None:

@@ -9,7 +9,7 @@ supervisor, the workers and the engine all derive their sockets and segments fro
 """
 from __future__ import annotations
 
-from omni2.engine.config import STAGES, EngineConfig, ModelConfig
+from omni2.engine.config import DTYPE_BYTES, STAGES, EngineConfig, ModelConfig
 
 ENGINE = "engine"
 EDGES: dict[str, tuple[str, str]] = {  # edge -> (producer, consumer)
@@ -21,7 +21,6 @@ assert {p for p, _ in EDGES.values()} | {c for _, c in EDGES.values()} == {ENGIN
 SMALL_SLOT = 64  # edges whose messages carry no tensors: the slot is only a credit
 VOC_OUT_SLOT = 1 << 20
 MAX_PCM_ROW = 96000  # samples per VocoderToEngine row (4 s at 24 kHz, 384 KB): well inside a voc_out slot
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def inputs_of(stage: str) -> list[str]:
@@ -35,7 +34,7 @@ def outputs_of(stage: str) -> list[str]:
 def ring_sizes(cfg: EngineConfig, model: ModelConfig) -> dict[str, tuple[int, int]]:
     """edge -> (slots, bytes per slot), from the checkpoint's dimensions and the engine's limits: one slot holds
     the largest message its producer sends in one step (a larger one is split by rows, never truncated)."""
-    n, isz, H = cfg.ring_slots, _ITEMSIZE[cfg.dtype], model.thinker.hidden_size
+    n, isz, H = cfg.ring_slots, DTYPE_BYTES[cfg.dtype], model.thinker.hidden_size
     n_speech = model.encoder.n_ctx // model.projector.ds_rate  # embeddings per turn (300 for 30 s)
     return {"asr_in": (4, int(cfg.limits.max_audio_seconds * 16000) * 4 + 4096),
             "asr_llm": (4, cfg.asr_batch * (n_speech * H * isz + 64)),
