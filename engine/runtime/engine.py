@@ -69,6 +69,7 @@ from omni2.engine.wire.protocol import (
     VocoderToEngine,
     WorkerReady,
 )
+from omni2.engine.wire.wakeup import Wakeup
 from omni2.stages.flow import state_bytes_bound
 from omni2.stages.tts import FINAL_MAX_UNITS
 
@@ -150,7 +151,7 @@ class Engine:
         self.prefix: str | None = None
         self._specs: dict[str, ring.RingSpec] = {}
         self._ctx: zmq.Context | None = None
-        self._wake_r = self._wake_w = -1
+        self._wake: Wakeup | None = None
         self._asr_in: ring.Producer | None = None
         self._outs: dict[str, ring.Consumer] = {}
         self._ctl: zmq.Socket | None = None
@@ -161,7 +162,7 @@ class Engine:
         cfg = self.config
         self.prefix, self.ipc_dir = shm.new_prefix(), tempfile.gettempdir()
         self._ctx = zmq.Context()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake = Wakeup()
         self._specs = {e: ring.ipc_spec(e, self.prefix, n_slots=k, slot_bytes=b, ipc_dir=self.ipc_dir)
                        for e, (k, b) in ring_sizes(cfg, self.model_config).items()}
         try:
@@ -386,10 +387,7 @@ class Engine:
 
     def _command(self, cmd: _Send | _Stop) -> None:
         self._commands.put(cmd)
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full of wake-ups already, or closed at shutdown
+        self._wake.wake()
 
     def _put_asr(self, msg: EngineToAsr) -> None:
         with self._asr_lock:
@@ -408,15 +406,15 @@ class Engine:
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._ctl, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
         for c in self._outs.values():
             poller.register(c.socket, zmq.POLLIN)
         try:
             while True:
                 # 1. wait for a worker's message, an output, or a user thread's wake-up
                 ready = dict(poller.poll(50))
-                if self._wake_r in ready:
-                    _read_all(self._wake_r)
+                if self._wake.fd in ready:
+                    self._wake.drain()
                 # 2. what user threads asked for
                 if not self._run_commands():
                     return
@@ -590,11 +588,7 @@ class Engine:
         if self._ctl is not None:
             self._ctl.close(linger=0)
         self._ctx.destroy(linger=0)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wake.close()
         shm.sweep(self.prefix, self.ipc_dir)
         log.info("engine stopped")
 
@@ -619,11 +613,3 @@ def _drop_cancel_marks(q: queue.Queue) -> None:
             kept.append(ev)
     for ev in kept:
         q.put(ev)
-
-
-def _read_all(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass

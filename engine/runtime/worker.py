@@ -48,6 +48,7 @@ from omni2.engine.wire.protocol import (
     TtsToVocoder,
     WorkerReady,
 )
+from omni2.engine.wire.wakeup import Wakeup
 
 log = logging.getLogger("omni2.worker")
 
@@ -112,7 +113,7 @@ class Worker:
         self.sendq: queue.Queue = queue.Queue(maxsize=2)  # bounded: a blocked sender stalls compute
         self.stop = threading.Event()
         self.reclaim = {e: threading.Event() for e in outputs_of(self.stage)}
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake = Wakeup()  # the io thread's poller: control messages to send
         self.step_started: float | None = None
         self.last_step_ms, self.last_batch, self.max_batch, self.steps = 0.0, 0, 0, 0
         self.blocked = ""  # set by the sender thread while an output ring has no free slot
@@ -147,7 +148,7 @@ class Worker:
                 self._compute()
         finally:
             self.stop.set()
-            os.write(self._wake_w, b"x")
+            self._wake.wake()
             _drain(self.sendq)
             self.sendq.put(None)
             for t in threads:
@@ -234,10 +235,7 @@ class Worker:
 
     def _control(self, msg) -> None:
         self.outbox.put(msg)
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
+        self._wake.wake()
 
     # -- io thread --------------------------------------------------------------------------------------------
     def _io(self) -> None:
@@ -248,7 +246,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.consumer.socket, zmq.POLLIN)
         poller.register(ctl, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wake.fd, zmq.POLLIN)
         ctl.send_multipart(protocol.encode(WorkerReady(self.stage, os.getpid(), self.spec.device,
                                                        time.perf_counter())))
         seq, next_beat = 0, 0.0
@@ -262,8 +260,8 @@ class Worker:
                     ctl.send_multipart(protocol.encode(self._heartbeat(seq)))
                     next_beat = now + self.spec.heartbeat_s
                 ready = dict(poller.poll(max(1, int((next_beat - time.monotonic()) * 1000))))
-                if self._wake_r in ready:
-                    _read_all(self._wake_r)
+                if self._wake.fd in ready:
+                    self._wake.drain()
                 if self.consumer.socket in ready:
                     self._recv_data()
                 if ctl in ready:
@@ -401,12 +399,3 @@ def _drain(q: queue.Queue) -> list:
             out.append(q.get_nowait())
         except queue.Empty:
             return out
-
-
-def _read_all(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
-

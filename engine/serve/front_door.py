@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import time
 import uuid
@@ -40,6 +39,7 @@ from omni2.engine.serve.sessions import (
 from omni2.engine.wire import protocol as P
 from omni2.engine.wire.codec import ProtocolError
 from omni2.engine.wire.protocol import AudioDelta, ErrorEvent, TextDelta, TurnDone, UnitChunk
+from omni2.engine.wire.wakeup import Wakeup
 
 log = logging.getLogger("omni2.serve")
 
@@ -54,9 +54,7 @@ class FrontDoor:
         self.clients: dict[bytes, ClientState] = {}
         self.sessions: dict[str, SessionState] = {}  # by engine id
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # (engine id, epoch, event) from the engine thread
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = Wakeup()
         self._stopping = False
         self._started = time.monotonic()
         self._counts = {"requests": 0, "errors": 0, "reclaimed": 0, "unauthorized": 0}
@@ -78,10 +76,7 @@ class FrontDoor:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full: the loop is awake already (or closed at shutdown)
+        self._wakeup.wake()
 
     # -- the loop --------------------------------------------------------------------------------------------
     def bind(self) -> str:
@@ -99,7 +94,7 @@ class FrontDoor:
         self.engine, self.sample_rate = engine, int(engine.sample_rate)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         next_tick = time.monotonic()
         while not self._stopping:
             ready = dict(poller.poll(timeout=250))
@@ -111,8 +106,8 @@ class FrontDoor:
                         break
                     self._request(frames)
             # 2. engine events
-            if self._wake_r in ready:
-                self._drain_wake()
+            if self._wakeup.fd in ready:
+                self._wakeup.drain()
             self._forward_events()
             # 3. housekeeping: reclaim vanished clients, probe idle ones, close idle sessions
             now = time.monotonic()
@@ -120,13 +115,6 @@ class FrontDoor:
                 self._housekeeping(now)
                 next_tick = now + 0.5
         self._shutdown()
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _shutdown(self) -> None:
         log.info("shutting down: %d sessions, %d replies in flight", len(self.sessions),
@@ -156,10 +144,7 @@ class FrontDoor:
         if getattr(self, "ctx", None) is not None:
             self.ctx.term()
             self.ctx = None
-        for name in ("_wake_r", "_wake_w"):
-            fd, _ = getattr(self, name), setattr(self, name, -1)
-            if fd >= 0:
-                os.close(fd)
+        self._wakeup.close()
 
     # -- requests ----------------------------------------------------------------------------------------------
     def _request(self, frames: list) -> None:
