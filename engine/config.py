@@ -426,13 +426,16 @@ class VocoderOptions:
         "official-live": one call per TTS write, the long final one included: the official server, call for call;
         "hop": the offline script (`run_cosy2_decoder.py --stream`): a call per `token_hop` units (None = 50).
     mode: "incremental" (cached chunks) or "recompute" (official cost). left_chunks: flow attention window in
-    chunks (None = all = exact). deterministic: zero HiFT's random source phases and noise (tests, comparisons)."""
+    chunks (None = all = exact). deterministic: zero HiFT's random source phases and noise (tests, comparisons).
+    max_batch: sessions voiced together in one step (flow encoder, estimator and HiFT batched across them); 1
+    voices them one after another, bit for bit the single-session result (a batch equals it to fp rounding)."""
 
     schedule: str = "live"
     mode: str = "incremental"
     token_hop: int | None = None
     left_chunks: int | None = None
     deterministic: bool = False
+    max_batch: int = 16
 
     def __post_init__(self):
         if self.schedule not in VOCODER_SCHEDULES:
@@ -441,6 +444,8 @@ class VocoderOptions:
             raise ConfigError(f"vocoder mode {self.mode!r} is not 'incremental' or 'recompute'")
         if self.token_hop is not None and self.token_hop < 1:
             raise ConfigError(f"token_hop must be >= 1, got {self.token_hop}")
+        if self.max_batch < 1:
+            raise ConfigError(f"vocoder max_batch must be >= 1, got {self.max_batch}")
 
 
 # ---------------------------------------------------------------------------------------- engine and daemon

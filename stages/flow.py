@@ -12,12 +12,14 @@ Two ways to run it, equal to fp32 rounding:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omni2.engine.config import CFMConfig, FlowConfig
-from omni2.stages.flow_cache import Span, StreamKVCache
+from omni2.stages.flow_cache import Span, SpanBatch, StreamKVCache, batch_of
 from omni2.stages.flow_encoder import FlowEncoder
 from omni2.stages.flow_estimator import FlowEstimator
 
@@ -68,19 +70,25 @@ def solve_euler(estimator: FlowEstimator, cfm: CFMConfig, z: torch.Tensor, mu: t
     """CausalConditionalCFM.solve_euler for one utterance: z, mu, cond (80, T), spks (80,) -> mel (80, T) fp32.
 
     spans[s] says where the T frames sit and holds step s's caches (None for a one-shot recompute)."""
-    n = cfm.n_timesteps
+    return solve_euler_batch(estimator, cfm, z[None], mu[None], spks[None], cond[None], spans)[0]
+
+
+def solve_euler_batch(estimator: FlowEstimator, cfm: CFMConfig, z: torch.Tensor, mu: torch.Tensor,
+                      spks: torch.Tensor, cond: torch.Tensor, spans: list[Span | SpanBatch]) -> torch.Tensor:
+    """solve_euler for B streams at once: z, mu, cond (B, 80, T), spks (B, 80) -> mel (B, 80, T) fp32; spans[s]
+    holds the B streams' spans (and caches) of Euler step s. Every stream takes the same time steps."""
+    n, B = cfm.n_timesteps, z.shape[0]
     t_span = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
     if cfm.t_scheduler == "cosine":
         t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
-    # CFG batch: row 0 conditioned, row 1 with mu, spks and cond zeroed (same x, same t).
-    mu2 = torch.stack([mu, torch.zeros_like(mu)])
-    spks2 = torch.stack([spks, torch.zeros_like(spks)])
-    cond2 = torch.stack([cond, torch.zeros_like(cond)])
+    # CFG batch: each stream's rows 2b (conditioned) and 2b + 1 (mu, spks and cond zeroed; same x, same t).
+    cfg_rows = lambda a, b: torch.stack([a, b], dim=1).flatten(0, 1)  # noqa: E731
+    mu2, spks2, cond2 = (cfg_rows(a, torch.zeros_like(a)) for a in (mu, spks, cond))
     # NOTE: t advances by accumulating dt and each dt is t_span[s+1] - t, as upstream does (not t_span[s]).
     x, t, dt = z, t_span[0], t_span[1] - t_span[0]
     for step in range(1, n + 1):
-        v = estimator(torch.stack([x, x]), mu2, t.expand(2), spks2, cond2, spans[step - 1])
-        v = (1.0 + cfm.inference_cfg_rate) * v[0] - cfm.inference_cfg_rate * v[1]
+        v = estimator(cfg_rows(x, x), mu2, t.expand(2 * B), spks2, cond2, spans[step - 1]).unflatten(0, (B, 2))
+        v = (1.0 + cfm.inference_cfg_rate) * v[:, 0] - cfm.inference_cfg_rate * v[:, 1]
         x = x + dt * v
         t = t + dt
         if step < n:
@@ -110,8 +118,12 @@ class Flow(nn.Module):
 
     def encode(self, tokens: torch.Tensor, tok: Span, frm: Span) -> torch.Tensor:
         """tokens (T,) at positions tok.start.. -> mu (80, ratio*T)."""
-        x = self.input_embedding(torch.clamp(tokens, min=0))[None]  # (1, T, 512)
-        return self.encoder_proj(self.encoder(x, tok, frm))[0].transpose(0, 1)
+        return self.encode_batch(tokens[None], tok, frm)[0]
+
+    def encode_batch(self, tokens: torch.Tensor, tok: Span | SpanBatch, frm: Span | SpanBatch) -> torch.Tensor:
+        """tokens (B, T), each row at its stream's positions (right-padded) -> mu (B, 80, ratio*T)."""
+        x = self.input_embedding(torch.clamp(tokens, min=0))  # (B, T, 512)
+        return self.encoder_proj(self.encoder(x, tok, frm)).transpose(1, 2)
 
     def _spans(self, start_tok: int, n_tok: int, commit_tok: int, left_chunks: int | None,
                caches: list | None) -> tuple[Span, Span]:
@@ -145,11 +157,57 @@ class Flow(nn.Module):
 
     @torch.inference_mode()
     def stream_step(self, streams: list[FlowStream], finalize: list[bool]) -> list[torch.Tensor]:
-        """Advance several sessions: each returns its new mel frames (80, k).
+        """Advance several sessions at once: each returns its new mel frames (80, k), the frames it would give
+        alone. The encoder runs once over every stream's open tokens, then the 10 Euler steps once over every
+        stream's open frames (x 2 CFG rows), right-padded to the longest (SpanBatch)."""
+        plans = [s._plan(f) for s, f in zip(streams, finalize, strict=True)]
+        work = [(s, p) for s, p in zip(streams, plans) if p is not None]
+        if work:
+            cfg, device = self.cfg, self.input_embedding.weight.device
+            # 1. Encoder over the open tokens [enc_done, n) of each stream.
+            width = max(len(s.tokens) for s, _ in work)
+            tokens = torch.stack([F.pad(s.tokens, (0, width - len(s.tokens))) for s, _ in work])
+            mu_new = self.encode_batch(tokens, batch_of([p.tok for _, p in work]), batch_of([p.frm for _, p in work]))
+            # 2. Estimator over the open frames [est_done, L) of each stream.
+            mus, zs = [], []
+            for b, (s, p) in enumerate(work):
+                mu = torch.cat([s.mu_pending, mu_new[b, :, :cfg.token_mel_ratio * len(s.tokens)]], dim=1)
+                p.mu = mu  # frames [est_done, r*n)
+                mus.append(mu[:, :p.frames])
+                zs.append(s.noise[0, :, p.start:p.start + p.frames].to(device) * cfg.cfm.temperature)
+            width = max(p.frames for _, p in work)
+            pad = lambda xs: torch.stack([F.pad(x, (0, width - x.shape[1])) for x in xs])  # noqa: E731
+            mu = pad(mus)
+            spans = [batch_of([p.est[step] for _, p in work]) for step in range(cfg.cfm.n_timesteps)]
+            mel = solve_euler_batch(self.decoder.estimator, cfg.cfm, pad(zs), mu,
+                                    torch.stack([s.spks for s, _ in work]), torch.zeros_like(mu), spans)
+            for b, (_, p) in enumerate(work):
+                p.mel = mel[b, :, :p.frames]
+        # 3. Move each stream's commit points.
+        return [s._commit(p) for s, p in zip(streams, plans)]
 
-        Sessions run one after another: their open spans, cached lengths and relative positions all differ, and a
-        padded batch would need per-row masks in every conv and attention layer."""
-        return [s._step(f) for s, f in zip(streams, finalize, strict=True)]
+
+@dataclass(eq=False)
+class _Plan:
+    """One stream's share of a stream_step: its spans, then (filled by the step) its mu and mel."""
+
+    finalize: bool
+    L: int  # mel frames emitted after this call
+    done: int  # tokens committed after this call
+    est_new: int  # frames committed after this call
+    tok: Span
+    frm: Span
+    est: list[Span]  # per Euler step
+    mu: torch.Tensor | None = None
+    mel: torch.Tensor | None = None
+
+    @property
+    def start(self) -> int:
+        return self.est[0].start
+
+    @property
+    def frames(self) -> int:
+        return self.est[0].length
 
 
 class FlowStream:
@@ -198,45 +256,44 @@ class FlowStream:
         """Bytes of committed keys/values alone (what `kv_bytes_per_second` predicts)."""
         return sum(c.live_bytes() for c in self._caches() if isinstance(c, StreamKVCache))
 
-    def _step(self, finalize: bool) -> torch.Tensor:
+    def _plan(self, finalize: bool) -> _Plan | None:
+        """What this call computes (None: nothing new to emit, e.g. fewer than 4 tokens so far)."""
         flow, cfg = self.flow, self.flow.cfg
         if self.finished:
             raise RuntimeError("mel after finalize")
         n, r, look = self.n, cfg.token_mel_ratio, cfg.pre_lookahead_len
         L = r * n if finalize else max(r * n - flow.lookahead_frames, 0)
         self.frames_estimated = self.tokens_encoded = 0
-        if L <= self.emitted:  # nothing new to emit (e.g. fewer than 4 tokens so far)
+        if L <= self.emitted:
             if finalize:
                 self._close()
-            return self.mu_pending.new_zeros(cfg.output_size, 0)
+            return None
         if L > self.noise.shape[2]:
             raise ValueError(f"{L} mel frames exceed the {self.noise.shape[2]} noise frames")
-
-        # 1. Encoder over the open tokens [enc_done, n). A token chunk is final once `look` tokens follow its end
-        #    (the pre-lookahead conv reads them; every other layer is causal or chunk-masked). At finalize nothing
-        #    needs keeping.
+        # Encoder over the open tokens [enc_done, n). A token chunk is final once `look` tokens follow its end (the
+        # pre-lookahead conv reads them; every other layer is causal or chunk-masked). At finalize nothing needs
+        # keeping.
         ce, cd = cfg.encoder.static_chunk_size, cfg.estimator.static_chunk_size
         done = self.enc_done if finalize else max(self.enc_done, (n - look) // ce * ce)
         tok, frm = flow._spans(self.enc_done, n - self.enc_done, done - self.enc_done, self.left_chunks,
                                self.enc_caches)
-        mu = torch.cat([self.mu_pending, flow.encode(self.tokens, tok, frm)], dim=1)  # frames [est_done, r*n)
-        self.tokens_encoded = n - self.enc_done
-
-        # 2. Estimator over the open frames [est_done, L): an estimator chunk is final once all its mu are final.
+        # Estimator over the open frames [est_done, L): an estimator chunk is final once all its mu are final.
         est_new = self.est_done if finalize else max(self.est_done, r * done // cd * cd)
         start = self.est_done
-        spans = [Span(start, L - start, cd, est_new - start, self.left_chunks, caches) for caches in self.est_caches]
-        z = self.noise[0, :, start:L].to(mu.device) * cfg.cfm.temperature
-        mel = solve_euler(flow.decoder.estimator, cfg.cfm, z, mu[:, :L - start], self.spks,
-                          torch.zeros_like(mu[:, :L - start]), spans)
-        self.frames_estimated = L - start
+        est = [Span(start, L - start, cd, est_new - start, self.left_chunks, caches) for caches in self.est_caches]
+        return _Plan(finalize, L, done, est_new, tok, frm, est)
 
-        # 3. Move the commit points.
-        self.mu_pending = mu[:, est_new - start:r * done - start].clone()
-        self.tokens = self.tokens[done - self.enc_done:]
-        self.enc_done, self.est_done = done, est_new
-        out, self.emitted = mel[:, self.emitted - start:], L
-        if finalize:
+    def _commit(self, p: _Plan | None) -> torch.Tensor:
+        """Take the plan's results: keep the final mu, move the commit points, return the new frames."""
+        if p is None:
+            return self.mu_pending.new_zeros(self.flow.cfg.output_size, 0)
+        r, start = self.flow.cfg.token_mel_ratio, self.est_done
+        self.tokens_encoded, self.frames_estimated = self.n - self.enc_done, p.frames
+        self.mu_pending = p.mu[:, p.est_new - start:r * p.done - start].clone()
+        self.tokens = self.tokens[p.done - self.enc_done:]
+        self.enc_done, self.est_done = p.done, p.est_new
+        out, self.emitted = p.mel[:, self.emitted - start:], p.L
+        if p.finalize:
             self._close()
         return out
 

@@ -4,6 +4,10 @@ Every layer of the CosyVoice2 flow sees only the past, except attention inside a
 lookahead conv, handled by its owner). So a stream can run a layer stack over just the positions that are not final
 yet (the *open* span), provided each layer keeps what later positions read from the final ones: the last k-1 inputs
 of a causal conv, the keys and values of an attention layer. The one-shot recompute is the same code with no caches.
+
+Several streams run as one batch through a SpanBatch: stream b's open positions sit at columns [0, length_b) of its
+rows, right-padded to the longest. No real position reads the padding: convs are causal, attention masks padded keys,
+and the one conv that looks right (the encoder's pre-lookahead) sees the padding zeroed, as its own zero pad.
 """
 from __future__ import annotations
 
@@ -52,6 +56,14 @@ class Span:
     def positions(self, device: torch.device) -> torch.Tensor:
         return torch.arange(self.start, self.end, device=device)
 
+    @property
+    def spans(self) -> list[Span]:
+        return [self]
+
+    @property
+    def width(self) -> int:
+        return self.length
+
     def mask(self, k_start: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """Chunk mask of this span's queries over keys at [k_start, k_start + n_keys); every attention layer of a
         stack shares it, so it is built once per call."""
@@ -72,19 +84,74 @@ class ConvCache:
         return 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
 
 
-def causal_pad(x: torch.Tensor, pad: int, cache: ConvCache | None, commit: int) -> torch.Tensor:
+class SpanBatch:
+    """The spans of several streams computed in one call (see the module docstring); each stream owns `rows`
+    consecutive tensor rows (the estimator's two CFG rows, say). Same chunking for all."""
+
+    def __init__(self, spans: list[Span]):
+        self.spans = spans
+        self.width = max(s.length for s in spans)
+        self.chunk = spans[0].chunk
+        self.ragged = any(s.length < self.width for s in spans)
+
+    def valid(self, rows: int, device: torch.device) -> torch.Tensor:
+        """(B * rows, width) bool: True at the columns that hold a real position."""
+        cols = torch.arange(self.width, device=device)
+        return torch.stack([cols < s.length for s in self.spans]).repeat_interleave(rows, dim=0)
+
+
+def batch_of(spans: list[Span]) -> Span | SpanBatch:
+    """One stream runs on its plain Span: the same kernels, shapes and masks as a single-stream call."""
+    return spans[0] if len(spans) == 1 else SpanBatch(spans)
+
+
+def causal_pad(x: torch.Tensor, pad: int, span: Span | SpanBatch | None, layer: nn.Module) -> torch.Tensor:
     """(B, C, T) -> (B, C, pad + T): prepend the `pad` inputs left of x (kept ones in a stream, zeros otherwise).
 
-    Keeps the `pad` inputs just left of position `commit` for the next call, whose span starts there."""
+    Keeps, per stream, the `pad` inputs just left of its `commit` for the next call, whose span starts there."""
     if pad == 0:
         return x
-    if cache is None or cache.tail is None:
+    if span is None:
+        return F.pad(x, (pad, 0))
+    spans = span.spans
+    caches = [s.cache(layer) for s in spans]
+    rows = x.shape[0] // len(spans)
+    if all(c is None or c.tail is None for c in caches):
         x = F.pad(x, (pad, 0))
     else:
-        x = torch.cat([cache.tail, x], dim=-1)
-    if cache is not None:
-        cache.tail = x[..., commit:commit + pad].clone()  # clone: do not pin this call's whole activation
+        zeros = x.new_zeros(rows, x.shape[1], pad)
+        x = torch.cat([torch.cat([zeros if c is None or c.tail is None else c.tail for c in caches]), x], dim=-1)
+    for b, (s, c) in enumerate(zip(spans, caches)):
+        if c is not None:  # clone: do not pin this call's whole activation
+            c.tail = x[b * rows:(b + 1) * rows, :, s.commit:s.commit + pad].clone()
     return x
+
+
+def visible_keys(k: torch.Tensor, v: torch.Tensor, span: Span | SpanBatch, layer: nn.Module
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """This call's (B, H, T, D) keys/values -> every key/value its queries may read, the chunk mask over them
+    ((Tq, Tk), or (B, 1, Tq, Tk) for a batch) and each stream's first key position. A stream's committed keys
+    come from its cache, which also takes this call's; a batch pads every stream's keys to the longest."""
+    if isinstance(span, Span):
+        k_start, cache = span.start, span.cache(layer)
+        if cache is not None:
+            k, v, k_start = cache.extend(k, v, span)
+        return k, v, span.mask(k_start, k.shape[2], k.device), [k_start]
+    rows = k.shape[0] // len(span.spans)
+    parts = []
+    for b, s in enumerate(span.spans):
+        kb, vb = k[b * rows:(b + 1) * rows, :, :s.length], v[b * rows:(b + 1) * rows, :, :s.length]
+        cache = s.cache(layer)
+        parts.append(cache.extend(kb, vb, s) if cache is not None else (kb, vb, s.start))
+    n = max(kb.shape[2] for kb, _, _ in parts)
+    keys, values = k.new_zeros(*k.shape[:2], n, k.shape[3]), v.new_zeros(*v.shape[:2], n, v.shape[3])
+    mask = torch.zeros(k.shape[0], 1, span.width, n, dtype=torch.bool, device=k.device)
+    for b, (s, (kb, vb, first)) in enumerate(zip(span.spans, parts)):
+        r, m = slice(b * rows, (b + 1) * rows), kb.shape[2]
+        keys[r, :, :m], values[r, :, :m] = kb, vb
+        mask[r, 0, :s.length, :m] = s.mask(first, m, k.device)
+        mask[r, 0, s.length:, 0] = True  # a padding query reads one key: no fully masked softmax row (NaN)
+    return keys, values, mask, [first for _, _, first in parts]
 
 
 class StreamKVCache:

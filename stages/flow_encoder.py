@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni2.engine.config import ConfigError, FlowConfig
-from omni2.stages.flow_cache import ConvCache, Span, StreamKVCache, assign_slots, causal_pad
+from omni2.stages.flow_cache import (
+    ConvCache,
+    Span,
+    SpanBatch,
+    StreamKVCache,
+    assign_slots,
+    causal_pad,
+    visible_keys,
+)
 
 
 def rel_pos_rows(lo: int, hi: int, d_model: int, device: torch.device | None = None) -> torch.Tensor:
@@ -70,32 +78,34 @@ class RelPosAttention(nn.Module):
             self._lo, self._key = new_lo, key
         return self._table[lo - self._lo:hi - self._lo]
 
-    def rel_scores(self, q: torch.Tensor, span: Span, k_start: int, n_keys: int) -> torch.Tensor:
+    def rel_scores(self, q: torch.Tensor, span: Span | SpanBatch, k_starts: list[int], n_keys: int) -> torch.Tensor:
         """(B, H, Tq, d_k) queries (with bias v) . projected row of distance i - j -> (B, H, Tq, n_keys), for
-        queries at span positions and keys at [k_start, k_start + n_keys)."""
+        each stream's queries at its span positions and keys at [k_start, k_start + n_keys)."""
+        spans = span.spans
         # A visible key lies before the end of its query's chunk, so distances below 1 - chunk are always masked:
         # clamp them instead of projecting rows nobody reads.
-        lo = max(span.start - (k_start + n_keys - 1), 1 - span.chunk)
-        hi = span.end - k_start  # one past the largest distance, last query to first key
+        lo = min(max(s.start - (k0 + n_keys - 1), 1 - s.chunk) for s, k0 in zip(spans, k_starts))
+        hi = max(s.start + span.width - k0 for s, k0 in zip(spans, k_starts))  # one past the largest distance
         p = self.pos_rows(lo, hi).view(hi - lo, self.h, self.d_k).transpose(0, 1)  # (H, R, d_k)
         by_distance = torch.matmul(q, p.transpose(-2, -1))  # (B, H, Tq, R)
-        k_pos = torch.arange(k_start, k_start + n_keys, device=q.device)
-        idx = (span.positions(q.device)[:, None] - k_pos[None, :]).clamp(min=lo) - lo  # (Tq, Tk)
-        return by_distance.gather(-1, idx.expand(*q.shape[:2], -1, -1))
+        cols = torch.arange(span.width, device=q.device)
+        idx = torch.stack([(s.start + cols)[:, None] - torch.arange(k0, k0 + n_keys, device=q.device)[None, :]
+                           for s, k0 in zip(spans, k_starts)])  # (streams, Tq, Tk)
+        idx = idx.clamp(min=lo) - lo
+        idx = idx.repeat_interleave(q.shape[0] // len(spans), dim=0)[:, None]  # (B, 1, Tq, Tk)
+        return by_distance.gather(-1, idx.expand(-1, q.shape[1], -1, -1))
 
-    def forward(self, x: torch.Tensor, span: Span) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.linear_q(x).view(B, T, self.h, self.d_k)
         k = self.linear_k(x).view(B, T, self.h, self.d_k).transpose(1, 2)  # (B, H, T, d_k)
         v = self.linear_v(x).view(B, T, self.h, self.d_k).transpose(1, 2)
-        k_start, cache = span.start, span.cache(self)
-        if cache is not None:
-            k, v, k_start = cache.extend(k, v, span)
+        k, v, mask, k_starts = visible_keys(k, v, span, self)
         ac = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # (B, H, T, Tk)
-        bd = self.rel_scores((q + self.pos_bias_v).transpose(1, 2), span, k_start, k.shape[2])
+        bd = self.rel_scores((q + self.pos_bias_v).transpose(1, 2), span, k_starts, k.shape[2])
         scores = (ac + bd) / math.sqrt(self.d_k)
         # The official code also zeroes masked probabilities after the softmax: a no-op, no row is fully masked.
-        scores = scores.masked_fill(~span.mask(k_start, k.shape[2], x.device), -float("inf"))
+        scores = scores.masked_fill(~mask, -float("inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, H, T, d_k)
         return self.linear_out(out.transpose(1, 2).reshape(B, T, self.h * self.d_k))
 
@@ -122,7 +132,7 @@ class ConformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(dim, eps=1e-12)
         self.norm_mha = nn.LayerNorm(dim, eps=1e-12)
 
-    def forward(self, x: torch.Tensor, span: Span) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:
         x = x + self.self_attn(self.norm_mha(x), span)
         return x + self.feed_forward(self.norm_ff(x))
 
@@ -155,10 +165,13 @@ class PreLookahead(nn.Module):
     def new_cache(self) -> ConvCache:
         return ConvCache()
 
-    def forward(self, x: torch.Tensor, span: Span) -> torch.Tensor:  # (B, T, C)
-        h = F.pad(x.transpose(1, 2), (0, self.lookahead))
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:  # (B, T, C)
+        h = x.transpose(1, 2)
+        if isinstance(span, SpanBatch) and span.ragged:  # a shorter stream's own zero pad starts at its end
+            h = h * span.valid(x.shape[0] // len(span.spans), x.device)[:, None, :]
+        h = F.pad(h, (0, self.lookahead))
         h = F.leaky_relu(self.conv1(h))  # slope 0.01
-        h = self.conv2(causal_pad(h, 2, span.cache(self), span.commit))
+        h = self.conv2(causal_pad(h, 2, span, self))
         return h.transpose(1, 2) + x
 
 
@@ -173,9 +186,10 @@ class Upsample1D(nn.Module):
     def new_cache(self) -> ConvCache:
         return ConvCache()
 
-    def forward(self, x: torch.Tensor, span: Span) -> torch.Tensor:  # (B, C, T) -> (B, C, stride*T); span in frames
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:
+        # (B, C, T) -> (B, C, stride*T); span in frames
         x = x.repeat_interleave(self.stride, dim=-1)
-        return self.conv(causal_pad(x, 2 * self.stride, span.cache(self), span.commit))
+        return self.conv(causal_pad(x, 2 * self.stride, span, self))
 
 
 class FlowEncoder(nn.Module):
@@ -201,7 +215,7 @@ class FlowEncoder(nn.Module):
     def new_caches(self) -> list:
         return [m.new_cache() for m in self._stateful]
 
-    def forward(self, x: torch.Tensor, tokens: Span, frames: Span) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: Span | SpanBatch, frames: Span | SpanBatch) -> torch.Tensor:
         """(B, T, input_size) embedded tokens -> (B, ratio*T, d). `tokens`/`frames`: the same span in tokens and in
         frames (chunk 50 tokens / 100 frames); their caches, if any, are one list for the whole encoder."""
         x = self.embed(x)

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from omni2.engine.config import FlowEstimatorConfig
-from omni2.stages.flow_cache import ConvCache, Span, StreamKVCache, assign_slots, causal_pad
+from omni2.stages.flow_cache import (
+    ConvCache,
+    Span,
+    SpanBatch,
+    StreamKVCache,
+    assign_slots,
+    causal_pad,
+    visible_keys,
+)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -55,9 +63,8 @@ class CausalConv1d(nn.Conv1d):
     def new_cache(self) -> ConvCache:
         return ConvCache()
 
-    def forward(self, x: torch.Tensor, span: Span | None = None) -> torch.Tensor:  # (B, C, T)
-        cache, commit = (span.cache(self), span.commit) if span is not None else (None, 0)
-        return super().forward(causal_pad(x, self.kernel_size[0] - 1, cache, commit))
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch | None = None) -> torch.Tensor:  # (B, C, T)
+        return super().forward(causal_pad(x, self.kernel_size[0] - 1, span, self))
 
 
 class CausalBlock1D(nn.Module):
@@ -69,7 +76,7 @@ class CausalBlock1D(nn.Module):
         self.block = nn.ModuleList([CausalConv1d(dim, dim_out, 3), nn.Identity(), nn.LayerNorm(dim_out),
                                     nn.Identity(), nn.Mish()])
 
-    def forward(self, x: torch.Tensor, span: Span | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch | None) -> torch.Tensor:
         x = self.block[0](x, span)
         x = self.block[2](x.transpose(1, 2)).transpose(1, 2)
         return F.mish(x)
@@ -83,7 +90,8 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, span: Span | None) -> torch.Tensor:  # x (B, C, T), t (B, E)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, span: Span | SpanBatch | None) -> torch.Tensor:
+        # x (B, C, T), t (B, E)
         h = self.block1(x, span) + self.mlp(t)[:, :, None]
         return self.block2(h, span) + self.res_conv(x)
 
@@ -104,14 +112,12 @@ class Attention(nn.Module):
     def new_cache(self) -> StreamKVCache:
         return StreamKVCache()
 
-    def forward(self, x: torch.Tensor, span: Span) -> torch.Tensor:  # (B, T, C)
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:  # (B, T, C)
         B, T, _ = x.shape
         split = lambda y: y.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, H, T, D)
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
-        k_start, cache = span.start, span.cache(self)
-        if cache is not None:
-            k, v, k_start = cache.extend(k, v, span)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask(k_start, k.shape[2], x.device))
+        k, v, mask, _ = visible_keys(k, v, span, self)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -145,7 +151,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, span: Span) -> torch.Tensor:  # (B, T, C)
+    def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:  # (B, T, C)
         x = x + self.attn1(self.norm1(x), span)
         return x + self.ff(self.norm3(x))
 
@@ -178,14 +184,14 @@ class FlowEstimator(nn.Module):
         return [m.new_cache() for m in self._stateful]
 
     @staticmethod
-    def _transformers(blocks: nn.ModuleList, x: torch.Tensor, span: Span) -> torch.Tensor:
+    def _transformers(blocks: nn.ModuleList, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:
         x = x.transpose(1, 2)  # (B, T, C)
         for block in blocks:
             x = block(x, span)
         return x.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mu: torch.Tensor, t: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
-                span: Span) -> torch.Tensor:
+                span: Span | SpanBatch) -> torch.Tensor:
         """x, mu, cond (B, 80, T); t (B,); spks (B, 80) -> vector field (B, 80, T) at frames [span.start, span.end)."""
         temb = self.time_mlp(self.time_embeddings(t).to(t.dtype))  # (B, 4*ch)
         x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)  # (B, 320, T)

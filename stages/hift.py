@@ -177,14 +177,21 @@ class SourceModuleHnNSF(nn.Module):
         self.cfg = cfg
         self.l_linear = nn.Linear(cfg.nb_harmonics + 1, 1)
 
-    def forward(self, f0: torch.Tensor, generator: torch.Generator | None = None,
+    def forward(self, f0: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                 deterministic: bool = False) -> torch.Tensor:  # f0 (B, 1, L) -> (B, L, 1)
+        """`generator`: one for the whole batch, or one per row (a batch of sessions, each drawing what it would
+        draw alone)."""
         c = self.cfg
         B, _, L = f0.shape
         H1 = c.nb_harmonics + 1
         if deterministic:
             phases = torch.zeros(B, H1, 1, device=f0.device)
             noise = torch.zeros(B, H1, L, device=f0.device)
+        elif isinstance(generator, list):
+            if len(generator) != B:
+                raise ValueError(f"{len(generator)} generators for a batch of {B}")
+            draws = [draw_source_randomness(1, H1, L, f0.device, g) for g in generator]
+            phases, noise = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
         else:
             phases, noise = draw_source_randomness(B, H1, L, f0.device, generator)
         sines, _ = sine_gen(f0, c.sampling_rate, c.nb_harmonics, c.nsf_alpha, c.nsf_sigma, c.nsf_voiced_threshold,
@@ -243,7 +250,7 @@ class HiFT(nn.Module):
         return self
 
     # -- pieces ------------------------------------------------------------------------------------------------
-    def source(self, mel: torch.Tensor, generator: torch.Generator | None = None,
+    def source(self, mel: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                deterministic: bool = False) -> torch.Tensor:
         """mel (B, 80, T) -> NSF excitation s (B, 1, 480·T)."""
         f0 = self.f0_predictor(mel)  # (B, T)
@@ -291,7 +298,7 @@ class HiFT(nn.Module):
 
     @torch.inference_mode()
     def inference(self, mel: torch.Tensor, cache_source: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None,
+                  generator: torch.Generator | list[torch.Generator] | None = None,
                   deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """mel (B, 80, T) -> (speech (B, 480·T), source (B, 1, 480·T)).
 

@@ -13,6 +13,11 @@ When the calls come (VocoderOptions.schedule):
 
 Two flow modes, same frames: `incremental` keeps the completed chunks' layer state (flat cost per call) and
 `recompute` reruns the flow from unit 0 every call (the official cost, for baselines).
+
+A step voices the calls of many sessions together: one flow pass over all their open chunks (Flow.stream_step),
+then HiFT once per group of equal mel length (in a steady stream of W-unit writes, all of them), each session
+drawing its source randomness from its own generator. The PCM equals voicing each alone to float32 rounding;
+`max_batch=1` voices them one by one, bit for bit.
 """
 from __future__ import annotations
 
@@ -142,8 +147,15 @@ class VocoderStage:
     def step(self, inputs: list[VocoderInput]) -> list[VocoderOutput]:
         """Take each session's new units and voice them: under the "hop" schedule every hop they complete
         (everything, on `final`); under the write schedules ("live", "official-live") each input in one call, as
-        `process_unit_chunk` voices one TTS write (the caller decides what one input holds)."""
-        out = []
+        `process_unit_chunk` voices one TTS write (the caller decides what one input holds). The calls of all
+        sessions run batched, up to `max_batch` sessions at a time (a session's second hop waits for the round
+        after its first)."""
+        seen: set[str] = set()
+        for i, x in enumerate(inputs):  # a session's second input continues what its first leaves
+            if x.session_id in seen:
+                return self.step(inputs[:i]) + self.step(inputs[i:])
+            seen.add(x.session_id)
+        calls: list[list[tuple[_Session, int, bool]]] = []  # per input: its token2wav calls (units, finalize)
         for x in inputs:
             s = self.sessions.get(x.session_id)
             if s is None:
@@ -151,27 +163,39 @@ class VocoderStage:
             bad = [u for u in x.units if not 0 <= u < self.cfg.flow.vocab_size]
             if bad:
                 raise VocoderError(f"unit ids out of range [0, {self.cfg.flow.vocab_size}): {bad[:5]}")
+            if len(s.units) + len(x.units) > self.noise.shape[2] // self.ratio:
+                raise VocoderError(f"{len(s.units) + len(x.units)} units exceed the "
+                                   f"{self.noise.shape[2] // self.ratio}-unit limit of the flow's fixed noise (300 s)")
+        for x in inputs:
+            s = self.sessions[x.session_id]
+            mine = []
             if x.final and not s.units and not x.units:  # the TTS LM said nothing: a silent reply
-                out.append(VocoderOutput(x.session_id, np.zeros(0, np.float32), True))
+                calls.append(mine)
                 continue
             s.units.extend(int(u) for u in x.units)
-            if len(s.units) * self.ratio > self.noise.shape[2]:
-                raise VocoderError(f"{len(s.units)} units exceed the {self.noise.shape[2] // self.ratio}-unit "
-                                   "limit of the flow's fixed noise (300 s)")
-            pieces = []
             if self.opts.schedule == "hop":
-                while len(s.units) - s.offset >= self.hop + self.look:
-                    pieces.append(self._voice(s, s.offset + self.hop + self.look, finalize=False))
-                    s.offset += self.hop
+                end = s.offset
+                while len(s.units) - end >= self.hop + self.look:
+                    mine.append((s, end + self.hop + self.look, False))
+                    end += self.hop
                 if x.final:
-                    pieces.append(self._voice(s, len(s.units), finalize=True))
+                    mine.append((s, len(s.units), True))
             elif x.final:
-                pieces.append(self._voice(s, len(s.units), finalize=True))
+                mine.append((s, len(s.units), True))
             elif x.units and self._long_enough(s):
                 # The mel of the last `look` units changes with the units that follow: voiced by the next call.
-                pieces.append(self._voice(s, len(s.units), finalize=False))
-                s.offset = max(s.offset, len(s.units) - self.look)
-            pcm = torch.cat(pieces, dim=-1) if pieces else torch.zeros(0)
+                mine.append((s, len(s.units), False))
+            calls.append(mine)
+        pieces: list[list[torch.Tensor]] = [[] for _ in inputs]
+        for r in range(max((len(c) for c in calls), default=0)):
+            todo = [(i, c[r]) for i, c in enumerate(calls) if r < len(c)]
+            for k in range(0, len(todo), self.opts.max_batch):
+                part = todo[k:k + self.opts.max_batch]
+                for (i, _), pcm in zip(part, self._voice([call for _, call in part])):
+                    pieces[i].append(pcm)
+        out = []
+        for x, p in zip(inputs, pieces):
+            pcm = torch.cat(p, dim=-1) if p else torch.zeros(0)
             out.append(VocoderOutput(x.session_id, pcm.float().cpu().numpy(), x.final))
             if x.final:
                 self.cancel(x.session_id)
@@ -186,27 +210,51 @@ class VocoderStage:
         return held + new_frames >= self.cfg.mel_cache_len
 
     @torch.inference_mode()
-    def _voice(self, s: _Session, n: int, finalize: bool) -> torch.Tensor:
-        """token2wav on units [0, n): new mel frames from 2*offset, then HiFT with the overlap caches."""
-        if self.opts.mode == "recompute":
-            tokens = torch.tensor(s.units[:n], device=self.device)
-            mel = self.flow.inference(tokens, s.spk, self.noise, finalize, self.opts.left_chunks)
-            mel = mel[:, s.offset * self.ratio:]
+    def _voice(self, calls: list[tuple[_Session, int, bool]]) -> list[torch.Tensor]:
+        """token2wav for several sessions (one call each) on units [0, n): new mel frames from 2*offset, then HiFT
+        with the overlap caches; the offset then moves as the schedule says."""
+        if self.opts.mode == "recompute":  # the official cost model: one session at a time, as upstream
+            mels = []
+            for s, n, finalize in calls:
+                tokens = torch.tensor(s.units[:n], device=self.device)
+                mel = self.flow.inference(tokens, s.spk, self.noise, finalize, self.opts.left_chunks)
+                mels.append(mel[:, s.offset * self.ratio:])
         else:
-            if s.stream is None:
-                s.stream = self.flow.new_stream(s.spk, self.noise, self.opts.left_chunks)
-            s.stream.push(torch.tensor(s.units[s.pushed:n], device=self.device))
-            s.pushed = n
-            mel = s.stream.mel(finalize)
-        mel = mel[None]  # (1, 80, F)
-        if s.cache is not None:
-            mel = torch.cat([s.cache["mel"], mel], dim=2)
-            cache_source = s.cache["source"]
-        else:
-            cache_source = None
-        if mel.shape[2] == 0:
-            return torch.zeros(0, device=self.device)
-        speech, source = self.hift.inference(mel, cache_source, s.generator, self.opts.deterministic)
+            for s, n, _ in calls:
+                if s.stream is None:
+                    s.stream = self.flow.new_stream(s.spk, self.noise, self.opts.left_chunks)
+                s.stream.push(torch.tensor(s.units[s.pushed:n], device=self.device))
+                s.pushed = n
+            mels = self.flow.stream_step([s.stream for s, _, _ in calls], [f for _, _, f in calls])
+        # HiFT, batched over the sessions whose mel (with the overlap frames it re-reads) has the same length:
+        # every one in a steady stream of W-unit writes.
+        mels = [mel[None] if s.cache is None else torch.cat([s.cache["mel"], mel[None]], dim=2)
+                for (s, _, _), mel in zip(calls, mels)]
+        speech: list[torch.Tensor | None] = [None] * len(calls)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, ((s, _, _), mel) in enumerate(zip(calls, mels)):
+            if mel.shape[2] == 0:
+                speech[i] = torch.zeros(0, device=self.device)
+            else:
+                groups.setdefault((mel.shape[2], s.cache is not None), []).append(i)
+        for (_, cached), idx in groups.items():
+            sessions = [calls[i][0] for i in idx]
+            cache_source = torch.cat([s.cache["source"] for s in sessions]) if cached else None
+            wav, source = self.hift.inference(torch.cat([mels[i] for i in idx]), cache_source,
+                                              [s.generator for s in sessions], self.opts.deterministic)
+            for row, i in enumerate(idx):
+                speech[i] = self._overlap(calls[i][0], mels[i], wav[row:row + 1], source[row:row + 1],
+                                          calls[i][2])
+        for s, n, finalize in calls:
+            if self.opts.schedule == "hop":
+                s.offset = n - self.look if not finalize else n
+            elif not finalize:
+                s.offset = max(s.offset, n - self.look)
+        return speech
+
+    def _overlap(self, s: _Session, mel: torch.Tensor, speech: torch.Tensor, source: torch.Tensor,
+                 finalize: bool) -> torch.Tensor:
+        """Cross-fade with the tail the previous call withheld; withhold this call's tail unless it is the last."""
         if s.cache is not None:
             speech = _fade_in_out(speech, s.cache["speech"], self.window)
         if not finalize:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -332,24 +333,37 @@ def test_stream_equals_recompute(flow, name):
     assert stream.cache_bytes() == 0  # freed at finalize
 
 
-def test_stream_step_interleaves_sessions(flow):
-    """Two sessions advanced together by stream_step give what each gives alone."""
+def test_stream_step_batches_sessions(flow):
+    """Eight sessions advanced together by stream_step, each at its own point of its reply (different starts and
+    burst sizes, some windowed, some idle in a step) give what each gives alone, to fp32 rounding: the batch runs
+    their open spans right-padded in one encoder and one estimator pass (measured max 4.3e-6)."""
     noise = make_noise(flow.cfg)
-    a, spk = replies(flow.cfg)
-    b = a.flip(0)
-    calls = SCHEDULES["gradio_10"]
-    sessions = [flow.new_stream(spk, noise), flow.new_stream(-spk, noise)]
-    outs = [[], []]
-    have = 0
-    for n, finalize in calls:
-        sessions[0].push(a[have:n])
-        sessions[1].push(b[have:n])
-        have = n
-        for out, mel in zip(outs, flow.stream_step(sessions, [finalize, finalize])):
-            out.append(mel)
-    for out, (tokens, s) in zip(outs, [(a, spk), (b, -spk)]):
-        _, alone = run_stream(flow, tokens, s, noise, calls, recompute=False)  # alone == recompute: tested above
-        assert (torch.cat(out, 1) - torch.cat([c[0] for c in alone], 1)).abs().max().item() < 1e-5
+    tokens, spk = replies(flow.cfg)
+    rng = np.random.default_rng(0)
+    toks = [tokens.roll(3 * i) for i in range(8)]
+    spks = [spk * (1 + 0.1 * i) for i in range(8)]
+    lefts = [None, 2, None, None, 1, None, 2, None]
+    calls = [[None] * (i % 4) + bursts(T_REPLY, rng.choice([1, 5, 10, 13], size=4).tolist()) for i in range(8)]
+
+    def drive(together: bool) -> list[torch.Tensor]:
+        streams = [flow.new_stream(spks[i], noise, lefts[i]) for i in range(8)]
+        have, out = [0] * 8, [[] for _ in range(8)]
+        for r in range(max(len(c) for c in calls)):
+            now = [(i, calls[i][r]) for i in range(8) if r < len(calls[i]) and calls[i][r] is not None]
+            for i, (n, _) in now:
+                streams[i].push(toks[i][have[i]:n])
+                have[i] = n
+            group = [streams[i] for i, _ in now]
+            fin = [f for _, (_, f) in now]
+            mels = flow.stream_step(group, fin) if together else [flow.stream_step([s], [f])[0]
+                                                                 for s, f in zip(group, fin)]
+            for (i, _), mel in zip(now, mels):
+                out[i].append(mel)
+        return [torch.cat(o, 1) for o in out]
+
+    for a, b in zip(drive(True), drive(False)):
+        assert a.shape == b.shape == (80, 2 * T_REPLY)
+        assert (a - b).abs().max().item() < 2e-5
 
 
 @pytest.mark.parametrize("name", ["gradio_10", "odd_1_7_13"])

@@ -201,3 +201,44 @@ def test_bad_inputs_are_clear_errors(stages):
         stages(schedule="hop", token_hop=3)
     with pytest.raises(ConfigError, match="mode"):
         VocoderOptions(mode="fast")
+
+
+@pytest.mark.parametrize("schedule", ["live", "hop"])
+def test_a_batched_step_equals_each_session_alone(stages, schedule):
+    """Eight sessions with different reply lengths, starting at different steps, each step voicing whoever has a
+    write: the batched stage (flow encoder, estimator and HiFT over all of them at once) gives every session the
+    PCM it gets alone, to fp32 rounding (ERR: HiFT's phase integration magnifies it, see above); max_batch=1 runs
+    the same steps one session at a time, bit for bit the single-session result."""
+    rng = np.random.default_rng(7)
+    replies = [rng.integers(0, 6561, n).tolist() for n in (23, 61, 10, 97, 45, 8, 79, 40)]
+    writes = [[r[i:i + 10] for i in range(0, len(r), 10)] for r in replies]
+    start = [0, 1, 0, 2, 5, 3, 0, 1]  # the step of each session's first write
+
+    def drive(stage, together: bool) -> list[np.ndarray]:
+        for i in range(8):
+            stage.open(f"s{i}", seed=i)
+        pcm = [[] for _ in range(8)]
+        for t in range(max(s + len(w) for s, w in zip(start, writes))):
+            inputs = [VocoderInput(f"s{i}", w[t - start[i]], final=t - start[i] == len(w) - 1)
+                      for i, w in enumerate(writes) if 0 <= t - start[i] < len(w)]
+            outs = stage.step(inputs) if together else [stage.step([x])[0] for x in inputs]
+            for o in outs:
+                pcm[int(o.session_id[1:])].append(o.pcm)
+        for i in range(8):
+            stage.close(f"s{i}")
+        return [np.concatenate(p) for p in pcm]
+
+    alone = drive(stages(schedule=schedule), together=False)
+    st = stages(schedule=schedule)
+    hift_rows, flow_rows, inference, stream_step = [], [], st.hift.inference, st.flow.stream_step
+    st.hift.inference = lambda mel, *a: hift_rows.append(mel.shape[0]) or inference(mel, *a)
+    st.flow.stream_step = lambda streams, f: flow_rows.append(len(streams)) or stream_step(streams, f)
+    batched = drive(st, together=True)
+    one_at_a_time = drive(stages(schedule=schedule, max_batch=1), together=True)
+    for a, b, c, r in zip(alone, batched, one_at_a_time, replies):
+        assert a.shape == b.shape == (len(r) * 960,)
+        assert np.abs(a - b).max() < ERR["incremental"], np.abs(a - b).max()  # measured <= 3.6e-3
+        assert np.array_equal(a, c)
+    assert max(flow_rows) >= 2  # sessions whose hops come due together share one flow call
+    if schedule == "live":
+        assert max(hift_rows) >= 4  # steady W-unit writes have equal mel lengths: they share one HiFT call

@@ -76,12 +76,21 @@ def reply(events):
     return text, done.token_ids, units, np.concatenate([a.pcm for a in audio]), done
 
 
-def assert_same(events, expected):
+# PCM of sessions the vocoder voiced in one batch vs alone: float32 rounding of batched matmuls, which HiFT's
+# phase integration magnifies (tests/stages/test_vocoder.py); measured 8.6e-4 here. Alone, bit for bit.
+BATCHED_PCM_ATOL = 1e-2
+
+
+def assert_same(events, expected, pcm_atol: float = 0.0):
     text, ids, units, pcm, done = reply(events)
     assert ids == expected.token_ids
     assert text == expected.text
     assert units == expected.units
-    assert np.array_equal(pcm, expected.pcm)  # bit-exact: same ops on the same numbers, in another process
+    if pcm_atol == 0:
+        assert np.array_equal(pcm, expected.pcm)  # bit-exact: same ops on the same numbers, in another process
+    else:
+        assert pcm.shape == expected.pcm.shape
+        np.testing.assert_allclose(pcm, expected.pcm, rtol=0, atol=pcm_atol)
     assert done.finish_reason == expected.finish_reason
 
 
@@ -121,10 +130,10 @@ def test_eight_concurrent_sessions_each_equal_the_reference(engine, ref):
         for sid, _, _ in cases:
             engine.close(sid)
     for sid, _, _ in cases:
-        assert_same(got[sid], expected[sid])
+        assert_same(got[sid], expected[sid], pcm_atol=BATCHED_PCM_ATOL)
     stages = engine.status()["stages"]
-    # Eight turns at once were served together, not one after another: some step of each LM held several.
-    assert stages["llm"]["max_batch"] >= 2 and stages["tts"]["max_batch"] >= 2, stages
+    # Eight turns at once were served together, not one after another: some step of each stage held several.
+    assert min(stages[s]["max_batch"] for s in ("llm", "tts", "vocoder")) >= 2, stages
 
 
 def test_two_turns_keep_the_conversation(engine, ref):
@@ -229,7 +238,7 @@ def test_a_stalled_consumer_blocks_its_producers_with_bounded_memory(engine, ref
         engine.stall_tail.clear()
     try:
         for sid, _, _ in cases:
-            assert_same(list(engine.events(sid, timeout=120)), expected[sid])  # nothing lost or reordered
+            assert_same(list(engine.events(sid, timeout=120)), expected[sid], BATCHED_PCM_ATOL)  # nothing lost
     finally:
         for sid, _, _ in cases:
             engine.close(sid)
