@@ -448,6 +448,12 @@ class VocoderOptions:
             raise ConfigError(f"vocoder max_batch must be >= 1, got {self.max_batch}")
 
 
+# What `serve` and `generate` run with unless told otherwise (`--vocoder-left-chunks`): a window of 2 chunks keeps a
+# session's flow state flat (~1.9 GB fp32 at CosyVoice2 dims) however long the reply, where the exact flow grows by
+# ~230 MB per second of audio (docs/ARCHITECTURE.md, "Vocoder memory"). The library default stays exact.
+SERVING_LEFT_CHUNKS = 2
+
+
 # ---------------------------------------------------------------------------------------- engine and daemon
 
 DTYPES = ("float32", "bfloat16", "float16")

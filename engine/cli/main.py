@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from omni2.engine.config import CheckpointError, ConfigError
+from omni2.engine.config import SERVING_LEFT_CHUNKS, CheckpointError, ConfigError, VocoderOptions
 
 
 # -- make-checkpoint -------------------------------------------------------------------------------------------
@@ -96,9 +96,23 @@ def _add_vocoder_options(p: argparse.ArgumentParser) -> None:
                         "(default); official-live = each write in one call, as the official live server; hop = "
                         "every --hop units, as the official offline script")
     p.add_argument("--hop", type=int, default=None, help="units per vocoder call of the hop schedule (default 50)")
-    p.add_argument("--vocoder-left-chunks", type=int, default=None,
-                   help="bounded vocoder memory: flow attention sees the last K chunks only (not the official "
-                        "output; default: all, exact; docs/ARCHITECTURE.md, \"Vocoder memory\")")
+    p.add_argument("--vocoder-left-chunks", type=_chunks, default=SERVING_LEFT_CHUNKS, metavar="K|all",
+                   help="flow attention sees the last K completed chunks (2 s each): memory per session stays flat "
+                        f"whatever the reply's length (default {SERVING_LEFT_CHUNKS}: equal to the official flow for "
+                        "the first (K+1) chunks, close after); all = the official flow exactly, its memory growing "
+                        "with the reply (docs/ARCHITECTURE.md, \"Vocoder memory\")")
+    p.add_argument("--vocoder-batch", type=int, default=VocoderOptions.max_batch, metavar="N",
+                   help=f"sessions the vocoder voices in one batched step (default {VocoderOptions.max_batch}; "
+                        "1 = one by one)")
+
+
+def _chunks(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of chunks or 'all', got {value!r}") from None
 
 
 def vocoder_options(args: argparse.Namespace):
@@ -106,7 +120,8 @@ def vocoder_options(args: argparse.Namespace):
 
     if args.hop is not None and args.vocoder_schedule != "hop":
         raise ConfigError("--hop applies to --vocoder-schedule hop only")
-    return VocoderOptions(schedule=args.vocoder_schedule, token_hop=args.hop, left_chunks=args.vocoder_left_chunks)
+    return VocoderOptions(schedule=args.vocoder_schedule, token_hop=args.hop, left_chunks=args.vocoder_left_chunks,
+                          max_batch=args.vocoder_batch)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -136,7 +151,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    _check_positive(args, "max_new_tokens", "threads", "hop", "vocoder_left_chunks")  # before loading torch
+    _check_positive(args, "max_new_tokens", "threads", "hop", "vocoder_left_chunks", "vocoder_batch")  # pre-torch
     vocoder_options(args)
     from omni2.engine.cli import generate
 
@@ -213,7 +228,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     Placement.parse(args.placement)
     _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop",
-                    "vocoder_left_chunks")
+                    "vocoder_left_chunks", "vocoder_batch")
     if args.vocoder_memory is not None and not args.vocoder_memory > 0:
         raise ConfigError(f"--vocoder-memory must be a positive number of GB, got {args.vocoder_memory}")
     vocoder_options(args)

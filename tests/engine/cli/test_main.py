@@ -116,6 +116,8 @@ def test_serve_needs_both_model_dirs_or_neither(guard, tiny_ckpt, tiny_vocoder, 
     (["--max-sessions", "0"], "--max-sessions must be >= 1, got 0"),
     (["--max-sessions-per-client", "0"], "--max-sessions-per-client must be >= 1, got 0"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--vocoder-left-chunks", "0"], "--vocoder-left-chunks must be >= 1, got 0"),
+    (["--vocoder-batch", "0"], "--vocoder-batch must be >= 1, got 0"),
 ])
 @pytest.mark.parametrize("model", ["demo", "dirs"])
 def test_serve_refuses_bad_options_before_anything_loads(guard, tmp_path, capsys, option, message, model):
@@ -254,3 +256,14 @@ def test_voice_add_refuses_a_prompt_over_30_seconds(tiny_vocoder, store, tmp_pat
     assert capsys.readouterr().out.strip() == str(store / "exact.npy")
     x = np.load(store / "exact.npy")
     assert x.shape == (192,) and x.dtype == np.float32 and np.isfinite(x).all() and np.abs(x).max() > 0
+
+
+@pytest.mark.parametrize("given, left_chunks, batch", [([], 2, 16), (["--vocoder-left-chunks", "all"], None, 16),
+                                                      (["--vocoder-left-chunks", "5", "--vocoder-batch", "1"], 5, 1)])
+def test_vocoder_options_from_the_command_line(given, left_chunks, batch):
+    """serve and generate voice with a bounded window by default; `all` is the exact official flow."""
+    from omni2.engine.cli.main import build_parser, vocoder_options
+
+    for verb in (["serve"], ["generate", "--model-dir", "m", "--vocoder-dir", "v", "--wav", "q.wav", "--out", "a.wav"]):
+        opts = vocoder_options(build_parser().parse_args([*verb, *given]))
+        assert (opts.left_chunks, opts.max_batch, opts.schedule) == (left_chunks, batch, "live")
