@@ -44,7 +44,8 @@ def valid_request(rng: random.Random, sid: str, token: str = "wrong", opens: boo
     """A well-formed request that must still fail: an unknown session, or (opens) a session.open with a wrong token."""
     audio = np.zeros(rng.randint(1, 800), np.int16 if rng.random() < 0.5 else np.float32)
     return rng.choice([
-        *([P.SessionOpen(sid, token, "default", 0, 0.0, 0, 1.0, 1.0, 50, 1.0, 8, "streaming", "pcm16", "")] * opens),
+        *([P.SessionOpen(sid, token, "default", 0, 0.0, 0, 1.0, 1.0, 50, 1.0, 8, "streaming", "pcm16", "", "")]
+          * opens),
         P.AudioAppend(sid, audio, 16000), P.AudioCommit(sid), P.ResponseCancel(sid), P.SessionClose(sid),
         P.StatusRequest(rng.randint(0, 10**6), token)])
 
@@ -96,11 +97,11 @@ def malformed(rng: random.Random, token: str | None, own: list[str]) -> tuple[st
                    temperature=rng.choice([-1.0, float("nan"), float("inf"), 1e9]), top_k=-5,
                    top_p=rng.choice([0.0, 1.5, float("nan")]), max_new_tokens=rng.choice([0, -3, 10**9]),
                    mode="telepathy", audio_format="mp3", stream_params=rng.choice(["(9,9)", "eval('1')", "x" * 99]),
-                   voice=rng.choice(["", "v" * 65]))
+                   voice=rng.choice(["", "v" * 65]), vocoder_schedule=rng.choice(["fast", "LIVE", "x" * 99]))
         field = rng.choice(sorted(bad))
         fields = dict(session_id=_sid(rng), token=token or "wrong", voice="default", seed=0, temperature=0.0, top_k=0,
                       top_p=1.0, tts_temperature=1.0, tts_top_k=50, tts_top_p=1.0, max_new_tokens=8,
-                      mode="streaming", audio_format="pcm16", stream_params="")
+                      mode="streaming", audio_format="pcm16", stream_params="", vocoder_schedule="")
         fields[field] = bad[field]
         return cat, [bytes(f) for f in P.encode(P.SessionOpen(**fields))]
     # out_of_order, on a session that exists: nothing here may be accepted
@@ -108,7 +109,7 @@ def malformed(rng: random.Random, token: str | None, own: list[str]) -> tuple[st
     msg = rng.choice([
         P.AudioCommit(sid),  # no audio appended
         P.ResponseCancel(sid),  # no reply in flight
-        P.SessionOpen(sid, token, "default", 0, 0.0, 0, 1.0, 1.0, 50, 1.0, 8, "streaming", "pcm16", ""),
+        P.SessionOpen(sid, token, "default", 0, 0.0, 0, 1.0, 1.0, 50, 1.0, 8, "streaming", "pcm16", "", ""),
         P.AudioAppend(sid, np.zeros(4, np.int32), 16000), P.AudioAppend(sid, np.zeros((4, 2), np.int16), 16000),
         P.AudioAppend(sid, np.zeros(0, np.float32), 16000), P.AudioAppend(sid, np.zeros(4, np.int16), 10**7),
         P.AudioAppend(sid, np.zeros(4, np.float64), 16000),
@@ -137,7 +138,7 @@ def fuzz(address: str, n: int, token: str | None = None, seed: int = 0, window: 
     if token is not None:  # sessions of our own, for the out-of-order requests
         for i in range(2):
             sock.send_multipart(P.encode(P.SessionOpen(f"fuzz{i}", token, "default", 0, 0.0, 0, 1.0, 1.0, 50, 1.0,
-                                                       8, "streaming", "pcm16", "")))
+                                                       8, "streaming", "pcm16", "", "")))
             ev = recv()
             assert isinstance(ev, P.SessionOpened), ev
             own.append(f"fuzz{i}")

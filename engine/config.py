@@ -383,6 +383,12 @@ class SessionOptions:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tts_sampling: SamplingParams = OFFICIAL_SAMPLING
     max_new_tokens: int | None = None
+    vocoder_schedule: str | None = None  # one of VOCODER_SCHEDULES; None = the engine's (VocoderOptions.schedule)
+
+    def __post_init__(self):
+        if self.vocoder_schedule is not None and self.vocoder_schedule not in VOCODER_SCHEDULES:
+            raise ConfigError(f"vocoder schedule {self.vocoder_schedule!r} is not one of "
+                              f"{', '.join(VOCODER_SCHEDULES)}")
 
     def seeded(self) -> tuple[SamplingParams, SamplingParams]:
         # Distinct streams for the two LMs, both pure functions of the session seed.

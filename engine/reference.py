@@ -48,7 +48,8 @@ class ReferencePipeline:
 
     def open(self, session_id: str, options: SessionOptions = SessionOptions()) -> None:
         llm_sampling, tts_sampling = options.seeded()
-        self.vocoder.open(session_id, options.voice, seed=options.vocoder_seed)  # checks the voice first
+        self.vocoder.open(session_id, options.voice, seed=options.vocoder_seed,  # checks the voice first
+                          schedule=options.vocoder_schedule)
         self.asr.open(session_id)
         self.llm.open(session_id, llm_sampling)
         self.tts.open(session_id, tts_sampling)
@@ -97,7 +98,7 @@ class ReferencePipeline:
                mark) -> Iterator[Event]:
         """Let the TTS LM write every chunk this token completes, and the vocoder voice it by its schedule: the
         "live" one each piece as it is cut (runtime/runners.TtsRunner cuts identically), the others whole writes."""
-        live = self.vocoder.opts.schedule == "live"
+        live = self.vocoder.schedule(session_id) == "live"
         out = self.tts.step([text_in])
         write: list[int] = []
         while out:

@@ -3,7 +3,7 @@
 Every call is the official token2wav: the flow turns units [0, n) into mel, the frames from 2*offset on are voiced,
 and HiFT re-reads the previous call's last 8 mel frames and source samples, cross-fades its first 3840 samples with
 the tail it withheld last time (Hamming window), and withholds its own last 3840 samples until the next call.
-When the calls come (VocoderOptions.schedule):
+When the calls come (per session, VocoderOptions.schedule unless its open() says otherwise):
   live / official-live  the official live server's `process_unit_chunk`: one call per input (a TTS write), n = all
                         units so far, then offset = n - pre_lookahead; the final input finalizes. The first audio
                         comes from the first write (10 units: 14 mel frames, 2880 samples out, 3840 withheld).
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from omni2.engine.checkpoints.vocoder_dir import VocoderDir
-from omni2.engine.config import ConfigError, Limits, VocoderConfig, VocoderOptions
+from omni2.engine.config import VOCODER_SCHEDULES, ConfigError, Limits, VocoderConfig, VocoderOptions
 from omni2.stages.flow import Flow, FlowStream
 from omni2.stages.hift import HiFT
 
@@ -71,6 +71,7 @@ def load_hift(vd: VocoderDir, device: str | torch.device = "cpu", dtype: torch.d
 class _Session:
     spk: torch.Tensor  # (192,) x-vector
     generator: torch.Generator  # HiFT's source randomness
+    schedule: str  # VOCODER_SCHEDULES
     units: list[int] = field(default_factory=list)
     offset: int = 0  # units whose mel has been voiced
     pushed: int = 0  # units given to the flow stream
@@ -96,9 +97,8 @@ class VocoderStage:
         self.voices = voices  # name -> (192,) tensor; a VocoderDir or any object with .voice(name)
         self.device, self.dtype = torch.device(device), dtype
         self.hop = options.token_hop or cfg.token_hop
-        if options.schedule == "hop" and self.hop * cfg.flow.token_mel_ratio < cfg.mel_cache_len:
-            raise ConfigError(f"token_hop {self.hop} is too small: each call must make at least the "
-                              f"{cfg.mel_cache_len} mel frames HiFT overlaps")
+        if options.schedule == "hop" and not self._hop_fits(cfg):
+            raise ConfigError(self._hop_error(cfg))
         self.look = cfg.flow.pre_lookahead_len
         self.ratio = cfg.flow.token_mel_ratio
         # np.hamming(2 * 3840) as upstream, kept in float64 then cast like its torch.from_numpy use.
@@ -112,17 +112,33 @@ class VocoderStage:
         return cls(load_flow(vd, device, dtype), load_hift(vd, device, dtype), vd.config, vd.noise(), vd, limits,
                    options, device, dtype)
 
+    def _hop_fits(self, cfg: VocoderConfig) -> bool:
+        return self.hop * cfg.flow.token_mel_ratio >= cfg.mel_cache_len
+
+    def _hop_error(self, cfg: VocoderConfig) -> str:
+        return (f"token_hop {self.hop} is too small: each call must make at least the {cfg.mel_cache_len} mel "
+                "frames HiFT overlaps")
+
     @property
     def sample_rate(self) -> int:
         return self.cfg.sample_rate
 
-    def open(self, session_id: str, voice: str = "default", seed: int = 0) -> None:
+    def open(self, session_id: str, voice: str = "default", seed: int = 0, schedule: str | None = None) -> None:
+        """`schedule`: this session's (VOCODER_SCHEDULES); None = the stage's."""
+        schedule = schedule or self.opts.schedule
         if session_id in self.sessions:
             raise VocoderError(f"session {session_id!r} is already open")
         if len(self.sessions) >= self.limits.max_sessions:
             raise VocoderError(f"all {self.limits.max_sessions} vocoder sessions are in use")
+        if schedule not in VOCODER_SCHEDULES:
+            raise VocoderError(f"vocoder schedule {schedule!r} is not one of {', '.join(VOCODER_SCHEDULES)}")
+        if schedule == "hop" and not self._hop_fits(self.cfg):
+            raise VocoderError(self._hop_error(self.cfg))
         spk = self.voices.voice(voice).to(self.device, self.dtype)  # unknown voice -> CheckpointError
-        self.sessions[session_id] = _Session(spk, torch.Generator(device=self.device).manual_seed(seed))
+        self.sessions[session_id] = _Session(spk, torch.Generator(device=self.device).manual_seed(seed), schedule)
+
+    def schedule(self, session_id: str) -> str:
+        return self.sessions[session_id].schedule
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
@@ -131,7 +147,7 @@ class VocoderStage:
         """Drop the reply in progress (barge-in); the voice and seed stream stay."""
         s = self.sessions.get(session_id)
         if s is not None:
-            self.sessions[session_id] = _Session(s.spk, s.generator)
+            self.sessions[session_id] = _Session(s.spk, s.generator, s.schedule)
 
     def synthesize(self, units: list[int], voice: str = "default", seed: int = 0) -> np.ndarray:
         """Whole-utterance token2wav through the same streaming schedule (a one-off session)."""
@@ -173,7 +189,7 @@ class VocoderStage:
                 calls.append(mine)
                 continue
             s.units.extend(int(u) for u in x.units)
-            if self.opts.schedule == "hop":
+            if s.schedule == "hop":
                 end = s.offset
                 while len(s.units) - end >= self.hop + self.look:
                     mine.append((s, end + self.hop + self.look, False))
@@ -246,7 +262,7 @@ class VocoderStage:
                 speech[i] = self._overlap(calls[i][0], mels[i], wav[row:row + 1], source[row:row + 1],
                                           calls[i][2])
         for s, n, finalize in calls:
-            if self.opts.schedule == "hop":
+            if s.schedule == "hop":
                 s.offset = n - self.look if not finalize else n
             elif not finalize:
                 s.offset = max(s.offset, n - self.look)

@@ -38,6 +38,7 @@ def _client(args) -> Client:
 
 def _open_options(args) -> dict:
     return dict(voice=args.voice, seed=args.seed, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
+                vocoder_schedule=args.vocoder_schedule or "",
                 audio_format="float32")  # float32: the WAV is quantized once, here, exactly as `generate` does
 
 
@@ -178,8 +179,7 @@ def run_mic(args) -> int:
     try:
         sd = sounddevice()
         with _client(args) as c:
-            s = c.open(voice=args.voice, seed=args.seed, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
-                       audio_format="float32")
+            s = c.open(**_open_options(args))
             try:
                 return _converse(sd, c, s, args)
             except KeyboardInterrupt:

@@ -317,6 +317,8 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (same as `generate --seed`)")
     p.add_argument("--greedy", action="store_true", help="greedy TTS too (the thinker is greedy by default)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on reply text tokens")
+    p.add_argument("--vocoder-schedule", choices=("live", "official-live", "hop"), default=None,
+                   help="this session's vocoder schedule (default: the daemon's; see `serve --help`)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the next event (default 120)")
     mic = p.add_argument_group("--mic options")
     mic.add_argument("--vad-db", type=float, default=-40.0,

@@ -59,13 +59,13 @@ def session_open_message(session_id: str, *, token: str = "", voice: str = "defa
                          greedy: bool = False, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          tts_temperature: float = 1.0, tts_top_k: int = 50, tts_top_p: float = 1.0,
                          max_new_tokens: int | None = None, mode: str = "streaming", audio_format: str = "pcm16",
-                         stream_params: str = "") -> P.SessionOpen:
+                         stream_params: str = "", vocoder_schedule: str = "") -> P.SessionOpen:
     """session.open with the official defaults: greedy thinker, TTS sampled at temperature 1 / top-k 50
     (`greedy=True`: the TTS greedy too) — the same choices as `omni2-engine generate` (generate.session_options)."""
     if greedy:
         tts_temperature, tts_top_k, tts_top_p = 0.0, 0, 1.0
     return P.SessionOpen(session_id, token, voice, seed, temperature, top_k, top_p, tts_temperature, tts_top_k,
-                         tts_top_p, max_new_tokens, mode, audio_format, stream_params)
+                         tts_top_p, max_new_tokens, mode, audio_format, stream_params, vocoder_schedule)
 
 
 def audio_chunks(audio: np.ndarray) -> list[np.ndarray]:

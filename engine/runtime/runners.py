@@ -38,12 +38,13 @@ from omni2.stages.vocoder import VocoderInput, VocoderStage
 def to_wire(session_id: str, o: SessionOptions) -> OpenSession:
     a, b = o.sampling, o.tts_sampling
     return OpenSession(session_id, o.voice, o.seed, a.temperature, a.top_k, a.top_p, b.temperature, b.top_k,
-                       b.top_p, o.max_new_tokens)
+                       b.top_p, o.max_new_tokens, o.vocoder_schedule or "")
 
 
 def from_wire(m: OpenSession) -> SessionOptions:
     return SessionOptions(m.voice, m.seed, SamplingParams(m.temperature, m.top_k, m.top_p),
-                          SamplingParams(m.tts_temperature, m.tts_top_k, m.tts_top_p), m.max_new_tokens)
+                          SamplingParams(m.tts_temperature, m.tts_top_k, m.tts_top_p), m.max_new_tokens,
+                          m.vocoder_schedule or None)
 
 
 def _host(x: torch.Tensor) -> torch.Tensor:
@@ -295,21 +296,20 @@ class _VocoderCall:
 
 
 class VocoderRunner(Runner):
-    """Calls of the vocoder stage, by its schedule: "live" voices each row of TtsToVocoder (a TTS write, or a W-unit
-    piece of a long one), "official-live" each whole write (rows up to one with `ends`), "hop" whatever arrived,
-    at most one hop per call. One call per session per step, oldest first: a long backlog streams out interleaved
-    with other sessions instead of in one long step, with the same PCM."""
+    """Calls of the vocoder stage, by each session's schedule: "live" voices each row of TtsToVocoder (a TTS write,
+    or a W-unit piece of a long one), "official-live" each whole write (rows up to one with `ends`), "hop" whatever
+    arrived, at most one hop per call. One call per session per step, oldest first, all sessions' calls batched in
+    the stage: a long backlog streams out interleaved with other sessions instead of in one long step."""
 
     stage = "vocoder"
 
     def __init__(self, vocoder):
         super().__init__()
         self.vocoder = vocoder
-        self.schedule = vocoder.opts.schedule
         self.pending: dict[str, collections.deque[_VocoderCall]] = {}
 
     def _open(self, sid, options):
-        self.vocoder.open(sid, options.voice, seed=options.vocoder_seed)
+        self.vocoder.open(sid, options.voice, seed=options.vocoder_seed, schedule=options.vocoder_schedule)
 
     def _close(self, sid):
         self.vocoder.close(sid)
@@ -325,19 +325,20 @@ class VocoderRunner(Runner):
                 continue
             end = msg.ends[i] if msg.ends else True
             q = self.pending.setdefault(sid, collections.deque())
-            grow = q and (self.schedule == "hop" or (self.schedule == "official-live" and not q[-1].complete))
+            schedule = self.vocoder.schedule(sid)
+            grow = q and (schedule == "hop" or (schedule == "official-live" and not q[-1].complete))
             if grow:
                 c = q[-1]
                 c.units.extend(units)
                 c.final, c.t, c.complete = c.final or final, msg.t, c.complete or end or final
             else:
-                q.append(_VocoderCall(list(units), final, msg.t, end or final or self.schedule == "live"))
+                q.append(_VocoderCall(list(units), final, msg.t, end or final or schedule == "live"))
 
-    def _takeable(self, q) -> bool:
-        return bool(q) and (self.schedule == "hop" or q[0].complete)
+    def _takeable(self, sid, q) -> bool:
+        return bool(q) and (self.vocoder.schedule(sid) == "hop" or q[0].complete)
 
     def ready(self) -> bool:
-        return any(self._takeable(q) for q in self.pending.values())
+        return any(self._takeable(sid, q) for sid, q in self.pending.items())
 
     def active(self) -> list[str]:
         return list(self.pending)
@@ -345,10 +346,10 @@ class VocoderRunner(Runner):
     def step(self):
         taken, inputs = {}, []
         for sid, q in list(self.pending.items()):
-            if not self._takeable(q):
+            if not self._takeable(sid, q):
                 continue
             c = q[0]
-            if self.schedule == "hop" and len(c.units) > self.vocoder.hop:
+            if self.vocoder.schedule(sid) == "hop" and len(c.units) > self.vocoder.hop:
                 units, c.units = c.units[:self.vocoder.hop], c.units[self.vocoder.hop:]
                 call = _VocoderCall(units, False, c.t, True)
             else:

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omni2.engine.config import ConfigError, SamplingParams, ServerConfig, SessionOptions, StreamParams
+from omni2.engine.config import (
+    VOCODER_SCHEDULES,
+    ConfigError,
+    SamplingParams,
+    ServerConfig,
+    SessionOptions,
+    StreamParams,
+)
 from omni2.engine.wire import protocol as P
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a client's session name: short, printable, log-safe
@@ -104,8 +111,11 @@ def session_options(m: P.SessionOpen, cfg: ServerConfig) -> SessionOptions:
             raise ValueError("temperature must be <= 100 and top_k <= 1000000")
     except ValueError as e:
         raise RequestError("bad_value", f"sampling: {e}") from None
+    if m.vocoder_schedule and m.vocoder_schedule not in VOCODER_SCHEDULES:
+        raise RequestError("bad_value", f"vocoder_schedule must be one of {list(VOCODER_SCHEDULES)} or \"\" (the "
+                                        f"daemon's), got {m.vocoder_schedule[:32]!r}")
     return SessionOptions(voice=m.voice, seed=m.seed, sampling=sampling[0], tts_sampling=sampling[1],
-                          max_new_tokens=m.max_new_tokens)
+                          max_new_tokens=m.max_new_tokens, vocoder_schedule=m.vocoder_schedule or None)
 
 
 def check_audio(m: P.AudioAppend) -> float:

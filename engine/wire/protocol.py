@@ -143,6 +143,7 @@ class OpenSession:
     tts_top_k: int
     tts_top_p: float
     max_new_tokens: int | None
+    vocoder_schedule: str  # "" = the stage's
 
 
 @dataclass(slots=True)
@@ -358,6 +359,7 @@ class SessionOpen:
     mode: str  # one of MODES
     audio_format: str  # one of AUDIO_FORMATS
     stream_params: str
+    vocoder_schedule: str  # "" = the daemon's; else one of config.VOCODER_SCHEDULES
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ the module on one test process.
 """
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -346,3 +347,25 @@ def test_a_cancelled_turn_leaves_the_conversation_as_it_was(engine, ref, when):
     w_text, w_ids, w_units, w_pcm, _ = reply(want)
     assert (ids, text, units) == (w_ids, w_text, w_units)
     assert np.array_equal(pcm, w_pcm)
+
+
+def test_each_session_voices_by_its_own_schedule(engine, ref):
+    """The engine's schedule is `live`; sessions that ask for `official-live` or `hop` get exactly what the
+    reference gives with that schedule, while sharing the vocoder's steps with each other."""
+    cases = [(f"sch-{s}", 20 + i, session_options(seed=20 + i), s) for i, s in enumerate(("official-live", "hop"))]
+    cases = [(sid, seed, replace(o, vocoder_schedule=s)) for sid, seed, o, s in cases]
+    expected = {sid: run_turn(ref, speech(seed), 16000, o) for sid, seed, o in cases}
+    for sid, _, o in cases:
+        engine.open(sid, o)
+    try:
+        for sid, seed, _ in cases:
+            engine.submit(sid, speech(seed))
+        got = {sid: list(engine.events(sid, timeout=120)) for sid, _, _ in cases}
+    finally:
+        for sid, _, _ in cases:
+            engine.close(sid)
+    for sid, _, _ in cases:
+        assert_same(got[sid], expected[sid], BATCHED_PCM_ATOL)
+    hop = [e for e in got["sch-hop"] if isinstance(e, AudioDelta) and e.pcm.size]
+    # hop 50: no audio before 53 units, then 50 units (48000 samples, less the withheld overlap) per call
+    assert hop[0].pcm.size >= (2 * 50 - 6 - 8) * 480 or hop[0].final

@@ -188,6 +188,10 @@ def test_requests_of_a_client_are_checked(daemon):
             with pytest.raises(RemoteError) as e:
                 c2.open("z", mode="telepathy")
             assert e.value.code == "bad_value"
+            with pytest.raises(RemoteError) as e:
+                c2.open("z", vocoder_schedule="fastest")
+            assert e.value.code == "bad_value" and "vocoder_schedule" in str(e.value)
+            c2.open("w", vocoder_schedule="official-live").close()
         s = sessions[0]
         with pytest.raises(RemoteError) as e:
             s.commit()
