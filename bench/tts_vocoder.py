@@ -8,7 +8,9 @@ the chunk to a kept KV cache; the baseline (`TTSOptions(reprefill=True)`) re-pre
 LLMSpeechGenerator.generate_units does. Vocoder: one chunk = the 10 units a TTS chunk writes, voiced as the live
 schedule does (one token2wav per write); ours keeps the flow's completed chunks, the baseline reruns the flow from
 unit 0 (token2wav). Prints ms per chunk for chunks 1..N; ours must stay flat. With --memory it also prints the
-flow state a session holds after each second of audio, exact and windowed (`--left-chunks K`).
+flow state a session holds after each second of audio, exact and windowed (`--left-chunks K`). With
+--sessions 1 4 8 it prints the vocoder's throughput instead: audio seconds voiced per wall second when N sessions
+each send a 10-unit write every step, batched in one step (VocoderOptions.max_batch) vs voiced one by one.
 On a CPU shared with other work, run it with OMP_NUM_THREADS=1: torch's spinning worker threads make small ops
 erratic (10-100x) on a busy 2-core machine.
 """
@@ -75,6 +77,28 @@ def vocoder_chunks(vocoder_dir: Path, mode: str, n_chunks: int, device, dtype,
     return times, state
 
 
+def vocoder_throughput(vocoder_dir: Path, sessions: int, writes: int, max_batch: int, device, dtype,
+                       left_chunks: int | None) -> float:
+    """Audio seconds out per wall second: `sessions` sessions, each a 10-unit write per step, for `writes` steps
+    (the first step, the sessions' shortest call, is left out of the timing)."""
+    opts = VocoderOptions(schedule="live", left_chunks=left_chunks, max_batch=max_batch)
+    stage = VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=sessions), opts, device=device,
+                                         dtype=dtype)
+    rng = np.random.default_rng(0)
+    for i in range(sessions):
+        stage.open(f"s{i}", seed=i)
+    units = [rng.integers(0, 6561, 10 * writes).tolist() for _ in range(sessions)]
+    samples, t0 = 0, 0.0
+    for w in range(writes):
+        if w == 1:
+            _sync(device)
+            t0, samples = time.perf_counter(), 0
+        outs = stage.step([VocoderInput(f"s{i}", units[i][10 * w: 10 * w + 10]) for i in range(sessions)])
+        samples += sum(o.pcm.size for o in outs)
+    _sync(device)
+    return samples / stage.sample_rate / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "7b"])
@@ -88,6 +112,8 @@ def main(argv=None) -> None:
     ap.add_argument("--memory", action="store_true", help="only the vocoder's flow state per session: exact (and "
                     "--left-chunks K) as the reply grows, in MB per second of audio")
     ap.add_argument("--left-chunks", type=int, default=2, help="window of the windowed flow (default 2)")
+    ap.add_argument("--sessions", type=int, nargs="+", help="only the vocoder's throughput at these session counts, "
+                    "batched vs one by one (--chunks writes each, window --left-chunks)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -102,6 +128,19 @@ def main(argv=None) -> None:
         write_vocoder_checkpoint(root, preset=args.preset)
     md = ModelDir(model_dir)
     torch.set_grad_enabled(False)
+    if args.sessions:
+        rows = {}
+        print(f"preset {args.preset}: vocoder audio seconds per wall second, live schedule, window "
+              f"k={args.left_chunks}, {args.chunks} writes of 10 units per session, torch threads "
+              f"{torch.get_num_threads()}")
+        for n in args.sessions:
+            batched = vocoder_throughput(vocoder_dir, n, args.chunks, 16, device, dtype, args.left_chunks)
+            alone = vocoder_throughput(vocoder_dir, n, args.chunks, 1, device, dtype, args.left_chunks)
+            rows[n] = {"batched": batched, "one_by_one": alone}
+            print(f"{n:>3} sessions: batched {batched:7.2f}  one by one {alone:7.2f}  (x{batched / alone:.2f})")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"preset": args.preset, "throughput": rows}, indent=1))
+        return
     if args.memory:
         n = args.voc_chunks or args.chunks
         rows = {f"exact {str(dtype).split('.')[-1]}": vocoder_chunks(vocoder_dir, "incremental", n, device, dtype),
