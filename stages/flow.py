@@ -227,7 +227,8 @@ class FlowStream:
         with torch.inference_mode():
             self.spks = flow.speaker(spk_embedding.to(device))  # (80,)
         self.tokens = torch.zeros(0, dtype=torch.long, device=device)  # tokens [enc_done, n)
-        self.mu_pending = torch.zeros(cfg.output_size, 0, device=device)  # mu of frames [est_done, 2*enc_done)
+        # mu of frames [est_done, 2*enc_done), in the weights' dtype (an fp32 empty one would promote a bf16 mu)
+        self.mu_pending = torch.zeros(cfg.output_size, 0, device=device, dtype=flow.input_embedding.weight.dtype)
         self.n = self.enc_done = self.est_done = self.emitted = 0
         self.finished = False
         self.enc_caches = flow.encoder.new_caches()

@@ -253,7 +253,7 @@ class HiFT(nn.Module):
     def source(self, mel: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                deterministic: bool = False) -> torch.Tensor:
         """mel (B, 80, T) -> NSF excitation s (B, 1, 480·T)."""
-        f0 = self.f0_predictor(mel)  # (B, T)
+        f0 = self.f0_predictor(mel.to(self.conv_pre.weight_v.dtype)).float()  # (B, T); f0 integrates in fp32
         scale = float(self.cfg.samples_per_frame)
         f0_up = F.interpolate(f0[:, None], scale_factor=scale, mode="nearest")  # (B, 1, L), nn.Upsample's default
         return self.m_source(f0_up, generator, deterministic).transpose(1, 2)  # (B, 1, L)
