@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The checkout's top-level kernels/ (installed as omni2.kernels) has the import name of PyPI's `kernels`, which
+# transformers (>= 5.25) imports: with the checkout root first on sys.path (`python -m pytest` puts the working
+# directory there, pytest's default import mode the root of the `tests` package) `import kernels` finds ours and
+# transformers fails. The root goes to the end instead, where `tests.*` still resolve. Set before anything imports
+# transformers; worker processes inherit this sys.path.
+_ROOT = str(Path(__file__).resolve().parents[1])
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT] + [_ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run on CPU tensors in triton's interpreter. triton reads TRITON_INTERPRET when a
 # kernel is decorated, i.e. when omni2.kernels.* is first imported (by whichever test module comes first), so it

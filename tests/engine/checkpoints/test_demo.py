@@ -11,7 +11,8 @@ from omni2.engine.checkpoints.model_dir import ModelDir
 def test_two_writers_at_once_share_one_whole_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "omni2.engine.cli", "demo", "--checkpoint"]
     env = {"OMNI2_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: `-m` puts the working directory first on sys.path, and the checkout's kernels/ must not shadow PyPI's
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
              for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -20,7 +21,7 @@ def test_two_writers_at_once_share_one_whole_checkpoint(tmp_path):
     model_dir = tmp_path / "demo-tiny" / "omni2-tiny"
     assert (tmp_path / "demo-tiny" / "COMPLETE").is_file() and ModelDir(model_dir).config is not None
     # a third start reuses it without writing
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0 and "writing" not in r.stderr
 
 
