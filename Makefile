@@ -49,7 +49,9 @@ serve:
 	$(VENV)/bin/omni2-engine serve
 
 bench:
-	$(PY) bench/stages.py --preset tiny
+	@# The quick latency sweep (tiny preset, CPU, ~3 min): bench/results/latency-tiny-quick/ gets the JSON and PNGs.
+	@# One torch thread per process, as `test`: four workers and this one share the cores.
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/latency.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
