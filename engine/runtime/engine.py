@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -149,6 +148,7 @@ class Engine:
         self._replay: set[str] = set()  # restarted stages to re-open every session in, once they are ready
         # Made by start(); None until then (and status() says so).
         self.prefix: str | None = None
+        self.ipc_dir: str | None = None
         self._specs: dict[str, ring.RingSpec] = {}
         self._ctx: zmq.Context | None = None
         self._wake: Wakeup | None = None
@@ -160,12 +160,23 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> Engine:
         cfg = self.config
-        self.prefix, self.ipc_dir = shm.new_prefix(), tempfile.gettempdir()
-        self._ctx = zmq.Context()
-        self._wake = Wakeup()
-        self._specs = {e: ring.ipc_spec(e, self.prefix, n_slots=k, slot_bytes=b, ipc_dir=self.ipc_dir)
-                       for e, (k, b) in ring_sizes(cfg, self.model_config).items()}
+        # An engine killed with -9 (or by the OOM killer) could not clean up, and nobody else knows its names: the
+        # next engine to start removes them, never touching those of an engine that still runs.
         try:
+            removed = shm.sweep_dead()
+        except OSError as e:  # someone else's mess must not keep this engine from starting
+            log.warning("could not sweep leftovers of dead engines: %s", e)
+        else:
+            if removed:
+                log.warning("removed %d leftover(s) of engines that no longer run: %s", len(removed),
+                            ", ".join(removed))
+        self.prefix = shm.new_prefix()
+        try:
+            self.ipc_dir = shm.make_ipc_dir(self.prefix)  # the sockets are not for other users to connect to
+            self._ctx = zmq.Context()
+            self._wake = Wakeup()
+            self._specs = {e: ring.ipc_spec(e, self.prefix, n_slots=k, slot_bytes=b, ipc_dir=self.ipc_dir)
+                           for e, (k, b) in ring_sizes(cfg, self.model_config).items()}
             asr_in = self._specs["asr_in"]
             self._asr_in = ring.Producer("asr_in", self.prefix, n_slots=asr_in.n_slots, slot_bytes=asr_in.slot_bytes,
                                          ipc_dir=self.ipc_dir, ctx=self._ctx)
@@ -554,7 +565,11 @@ class Engine:
                 if s.turn is not None and s.turn.held_by(stage):
                     self._fail_turn(s, "worker_crashed", f"the {stage} worker {why}; this turn was lost "
                                     "(the worker is being restarted; the session stays open)")
-        if self._sup.restart(stage):
+        if not self._ready.is_set():
+            # Still starting: a worker that died while loading would die again (a bad checkpoint, a device that
+            # is not there); start() fails now instead of after the restart budget.
+            self._sup.give_up(stage, f"the {stage} worker {why} before the engine was ready")
+        elif self._sup.restart(stage):
             self._replay.add(stage)
         else:
             with self._lock:
@@ -572,7 +587,8 @@ class Engine:
                     self._send(stage, protocol.encode(CancelSession(s.key, last)))
 
     def _teardown(self) -> None:
-        """Stop workers, close sockets and rings, sweep the engine's names out of /dev/shm and the temp dir."""
+        """Stop workers, close sockets and rings, remove the engine's segments from /dev/shm and its ipc dir.
+        Also after a start that failed half-way: whatever was not made yet is None."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -587,9 +603,13 @@ class Engine:
             self._asr_in.close()
         if self._ctl is not None:
             self._ctl.close(linger=0)
-        self._ctx.destroy(linger=0)
-        self._wake.close()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        if self._wake is not None:
+            self._wake.close()
         shm.sweep(self.prefix, self.ipc_dir)
+        if self.ipc_dir is not None:
+            shm.remove_dir(self.ipc_dir)
         log.info("engine stopped")
 
 

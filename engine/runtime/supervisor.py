@@ -2,13 +2,15 @@
 
 The supervisor owns no socket; the engine's loop thread (runtime/engine.py) feeds it what the workers say
 (`ready`, `beat`) and asks it, every turn of that loop, which workers are dead or hung (`check`). A worker is
-dead when its process has exited; hung when its heartbeat thread has been silent for `hang_s`, or its
-current step has run for longer than `step_timeout_s`. Either way it is killed, what it owned in /dev/shm is
-swept, and it is spawned again (up to `max_restarts` in `restart_window_s`, after which the stage has failed).
+dead when its process has exited; hung when its current step has run for longer than `step_timeout_s`, or when
+its heartbeats stopped and the process is not moving either (`Liveness`). Either way it is killed, what it owned
+in /dev/shm is swept, and it is spawned again (up to `max_restarts` in `restart_window_s`, after which the stage
+has failed; while the engine is still starting, the engine `give_up`s on the stage instead).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -16,6 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field, replace
 
+from omni2.engine.config import WORKER_ENV, ConfigError
 from omni2.engine.runtime.topology import outputs_of
 from omni2.engine.runtime.worker import WorkerSpec, main
 from omni2.engine.wire import shm
@@ -23,10 +26,106 @@ from omni2.engine.wire.protocol import Heartbeat
 
 log = logging.getLogger("omni2.supervisor")
 
+HAVE_PROC = os.path.exists("/proc/self/task")  # Linux: the kernel says what a silent worker is doing
+TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+LOG_EVERY_S = 30.0  # at most one "slow, not hung" warning per worker in this long
+BACKGROUND = ("ZMQbg/",)  # thread names of libzmq's own io threads: they wake for every message, whatever ours do
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What the kernel says about a process at one instant (/proc/<pid>/task/*), its libzmq threads left out."""
+
+    t: float  # monotonic
+    cpu_ns: int  # time on a CPU, summed over its threads
+    states: str  # a letter per thread: R running or waiting for a CPU, D waiting for the disk (paging memory back
+    #              in, say), S sleeping, T stopped
+
+    @property
+    def moving(self) -> bool:
+        """Some thread runs, or waits for a CPU or the disk: the process is slow, not stuck."""
+        return any(c in "RD" for c in self.states)
+
+
+def probe(pid: int) -> Probe | None:
+    """None if the process is gone (or there is no /proc)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
+        return None
+    cpu, states = 0, []
+    for tid in tids:
+        stat = shm.proc_stat(pid, int(tid))
+        if stat is None:
+            continue  # the thread ended meanwhile
+        name, fields = stat
+        if name.startswith(BACKGROUND):
+            continue
+        states.append(fields[0])
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                cpu += int(f.read().split()[0])  # nanoseconds on a CPU
+        except (OSError, ValueError, IndexError):  # a kernel without schedstat: clock ticks (10 ms) will do
+            cpu += (int(fields[11]) + int(fields[12])) * TICK_NS
+    return Probe(time.monotonic(), cpu, "".join(states)) if states else None
+
+
+class Liveness:
+    """Tells a hung worker from a slow one once its heartbeats stop.
+
+    Silence alone proves nothing: a long step or a call that holds the GIL starves the io thread that beats, and a
+    busy or memory-starved machine delays every thread of every process. So once a worker has been silent for
+    `hang_s / 2`, the kernel is asked what it does (`probe`, every pass of the engine loop): while one of its
+    threads runs or waits for a CPU or the disk, or its CPU time grows, it is slow and is left alone. It is hung
+    when it has been silent for `hang_s` and nothing moved in it for the last `hang_s / 2` of that (stopped,
+    deadlocked, blocked with the GIL held), and whatever it does once it has been silent for `limit_s` (a loop
+    that never ends). Without /proc, silence for `hang_s` is hung.
+    """
+
+    def __init__(self, name: str, hang_s: float, limit_s: float):
+        self.name, self.hang_s, self.limit_s = name, hang_s, max(limit_s, hang_s)
+        self.still: Probe | None = None  # the first look at it since it last moved
+        self.slow = 0  # silences past hang_s in which it was found moving (the deadline alone would have killed it)
+        self._counted = False  # this silence is counted in `slow` already
+        self._told = -LOG_EVERY_S  # when a slow silence was last logged (monotonic)
+
+    def heard(self) -> None:
+        """A heartbeat (or the ready message) arrived."""
+        self.still, self._counted = None, False
+
+    def verdict(self, pid: int, silent: float) -> str:
+        """Why the worker is hung after `silent` s without a heartbeat, or "" (not hung, or not yet known)."""
+        if silent > self.limit_s:
+            return f"no heartbeat for {silent:.1f} s (the limit, whatever it is doing)"
+        if silent <= self.hang_s / 2:
+            return ""
+        if not HAVE_PROC:
+            return f"no heartbeat for {silent:.1f} s" if silent > self.hang_s else ""
+        p = probe(pid)
+        if p is None:
+            return ""  # it exited: the next check reports how
+        if p.moving or self.still is not None and p.cpu_ns != self.still.cpu_ns:
+            self.still = None if p.moving else p
+            if silent > self.hang_s and not self._counted:  # where the deadline alone would have killed it
+                self._counted, self.slow = True, self.slow + 1
+                if p.t - self._told >= LOG_EVERY_S:  # an overloaded machine would say so every second
+                    log.warning("%s worker (pid %d): no heartbeat for %.1f s, but it is running (threads %s): slow, "
+                                "not hung (%d times so far)", self.name, pid, silent, p.states, self.slow)
+                    self._told = p.t
+            return ""
+        if self.still is None:
+            self.still = p
+            return ""
+        if silent > self.hang_s and p.t - self.still.t >= self.hang_s / 2:
+            return (f"no heartbeat for {silent:.1f} s, and nothing ran in it for {p.t - self.still.t:.1f} s "
+                    f"(threads {p.states})")
+        return ""
+
 
 @dataclass
 class WorkerState:
     spec: WorkerSpec
+    liveness: Liveness
     process: multiprocessing.Process | None = None
     ready: bool = False
     started: float = 0.0  # monotonic
@@ -34,7 +133,7 @@ class WorkerState:
     beat: Heartbeat | None = None
     restarts: int = 0
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=32))
-    failed: str = ""  # why the stage gave up (restart budget spent)
+    failed: str = ""  # why the stage gave up (restart budget spent, or it died while the engine started)
 
     @property
     def pid(self) -> int | None:
@@ -47,8 +146,13 @@ class WorkerState:
 class Supervisor:
     def __init__(self, specs: dict[str, WorkerSpec], *, hang_s: float = 1.0, step_timeout_s: float = 120.0,
                  max_restarts: int = 5, restart_window_s: float = 60.0):
+        beat_s = max(spec.heartbeat_s for spec in specs.values())
+        if hang_s < 2 * beat_s:  # an idle worker moves once per heartbeat: Liveness looks for hang_s / 2
+            raise ConfigError(f"the hang timeout ({hang_s:g} s) must be at least twice the heartbeat period "
+                              f"({beat_s:g} s)")
         self.mp = multiprocessing.get_context("spawn")  # no fork: torch, CUDA and zmq threads do not survive it
-        self.workers = {s: WorkerState(spec) for s, spec in specs.items()}
+        self.workers = {s: WorkerState(spec, Liveness(s, hang_s, step_timeout_s))
+                        for s, spec in specs.items()}
         self.hang_s, self.step_timeout_s = hang_s, step_timeout_s
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
 
@@ -58,18 +162,22 @@ class Supervisor:
         w.process = self.mp.Process(target=main, args=(w.spec,), name=f"omni2-{stage}", daemon=True)
         w.ready, w.beat = False, None
         w.started = w.last_beat = time.monotonic()
-        w.process.start()
+        w.liveness.heard()
+        with _environment(WORKER_ENV):  # a spawned process starts with the environment of this moment
+            w.process.start()
         log.info("%s worker started (pid %d, %s)", stage, w.process.pid, w.spec.device)
 
     def ready(self, stage: str) -> None:
         w = self.workers[stage]
         w.ready, w.last_beat = True, time.monotonic()
+        w.liveness.heard()
         log.info("%s worker ready (pid %s) after %.1f s", stage, w.pid, time.monotonic() - w.started)
 
     def beat(self, hb: Heartbeat) -> None:
         w = self.workers.get(hb.stage)
         if w is not None and w.pid == hb.pid:  # a late beat of a killed predecessor says nothing
             w.beat, w.last_beat = hb, time.monotonic()
+            w.liveness.heard()
 
     def all_ready(self) -> bool:
         return all(w.ready for w in self.workers.values())
@@ -87,10 +195,14 @@ class Supervisor:
             if not w.process.is_alive():
                 code = w.process.exitcode
                 why = f"exited with {'signal ' + signal.Signals(-code).name if code and code < 0 else code}"
-            elif w.ready and now - w.last_beat > self.hang_s:
-                why = f"no heartbeat for {now - w.last_beat:.1f} s"
-            elif w.ready and w.beat is not None and w.beat.step_s > self.step_timeout_s:
-                why = f"a step has run for {w.beat.step_s:.0f} s (limit {self.step_timeout_s:.0f} s)"
+            elif w.ready:
+                silent = now - w.last_beat
+                # The step clock keeps running while the beats that report it are late.
+                step_s = w.beat.step_s + silent if w.beat is not None and w.beat.busy else 0.0
+                if step_s > self.step_timeout_s:
+                    why = f"a step has run for {step_s:.0f} s (limit {self.step_timeout_s:.0f} s)"
+                else:
+                    why = w.liveness.verdict(w.pid, silent)
             if why:
                 log.error("%s worker (pid %s) lost: %s", stage, w.pid, why)
                 self._kill(w)
@@ -109,11 +221,21 @@ class Supervisor:
         self.spawn(stage)
         return True
 
+    def give_up(self, stage: str, why: str) -> None:
+        """Mark the stage failed without a restart (a worker that died while the engine was starting)."""
+        self.workers[stage].failed = why
+        log.error("%s; not restarting it", why)
+
     def failed(self) -> dict[str, str]:
         return {s: w.failed for s, w in self.workers.items() if w.failed}
 
     def stop(self, timeout: float = 5.0) -> None:
-        """After the engine sent Shutdown: wait for clean exits, then kill what is left, then sweep."""
+        """After the engine sent Shutdown: wait for clean exits, then kill what is left, then sweep. A worker still
+        loading reads no Shutdown before it has loaded (minutes, for a large model), and owns nothing the sweeps do
+        not remove: it is killed at once."""
+        for w in self.workers.values():
+            if w.process is not None and not w.ready and w.process.is_alive():
+                w.process.kill()
         deadline = time.monotonic() + timeout
         for w in self.workers.values():
             if w.process is not None:
@@ -134,7 +256,7 @@ class Supervisor:
                       "busy": bool(b and b.busy), "sessions": b.sessions if b else 0, "queued": b.queued if b else 0,
                       "last_step_ms": round(b.last_step_ms, 3) if b else 0.0, "last_batch": b.last_batch if b else 0,
                       "max_batch": b.max_batch if b else 0, "blocked": b.blocked if b else "",
-                      "active": b.active if b else 0,
+                      "active": b.active if b else 0, "slow": w.liveness.slow,
                       "steps": b.steps if b else 0, "rings": dict(b.rings) if b else {}}
         return out
 
@@ -147,3 +269,15 @@ class Supervisor:
         w.process, w.ready = None, False
         for edge in outputs_of(w.spec.stage):  # the segments and ipc files it owned as a producer
             shm.sweep(f"{w.spec.prefix}{edge}.", w.spec.ipc_dir)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ with `values` added where absent, for the duration (the engine's own process keeps its own)."""
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)

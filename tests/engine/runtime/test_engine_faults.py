@@ -106,4 +106,4 @@ def test_shutdown_leaves_no_process_and_no_shared_memory(tiny_ckpt, tiny_vocoder
     assert isinstance(rest[-1], ErrorEvent) and rest[-1].code == "shutdown"
     assert all(gone(p) for p in pids)
     assert segments(prefix) == []
-    assert not [n for n in os.listdir(eng.ipc_dir) if n.startswith(prefix)]  # ipc socket files too
+    assert not os.path.exists(eng.ipc_dir)  # the ipc sockets' directory too
