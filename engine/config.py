@@ -467,9 +467,17 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def default_worker_threads() -> int:
-    """torch threads per stage worker when none are asked for: the cores shared out among the four workers
-    (four workers each spinning a thread pool of every core thrash a small machine)."""
-    return max(1, (os.cpu_count() or 4) // len(STAGES))
+    """torch threads per stage worker when none are asked for: every core. The stages take turns more than they
+    overlap (a lone turn runs ASR, then LLM and TTS, then the vocoder), and a stage that runs alone should have the
+    whole machine; when several run at once their threads share the cores, which costs little because waiting
+    OpenMP threads sleep instead of spinning (WORKER_ENV). Measured in docs/ARCHITECTURE.md, "Threads"."""
+    return os.cpu_count() or 1
+
+
+# Set in each worker process's environment unless the caller's has it. PASSIVE: an OpenMP thread with nothing to
+# do sleeps at once, instead of spinning for a while on a core another worker needs (libgomp's default, which made
+# two 2-thread workers on 2 busy cores 20x slower).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def test_the_vocoder_runner_calls_by_its_schedule():
     for schedule in ("live", "official-live", "hop"):
         calls = []
         stage = Recorder(opts=VocoderOptions(schedule=schedule), hop=50, sample_rate=24000,
+                         schedule=lambda sid, schedule=schedule: schedule,
                          step=lambda inputs, calls=calls: calls.append([(x.units, x.final) for x in inputs]) or [])
         r = VocoderRunner(stage)
         r.open(to_wire("s", SessionOptions()))
@@ -51,7 +52,8 @@ def test_the_vocoder_runner_calls_by_its_schedule():
     assert got["live"] == [[([1] * 10, False)], [([2] * 10, False)], [([3] * 4, True)]]
     partial = TtsToVocoder(["s"], [0], [[1] * 10], [False], 0.0, [False])
     for schedule, ready in (("live", True), ("official-live", False)):  # official-live waits for the whole write
-        r = VocoderRunner(Recorder(opts=VocoderOptions(schedule=schedule), hop=50))
+        r = VocoderRunner(Recorder(opts=VocoderOptions(schedule=schedule), hop=50,
+                                   schedule=lambda sid, schedule=schedule: schedule))
         r.open(to_wire("s", SessionOptions()))
         r.feed(partial)
         assert r.ready() is ready

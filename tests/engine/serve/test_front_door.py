@@ -123,7 +123,9 @@ def test_sixteen_concurrent_sessions_each_correct(daemon, pipe):
     for i, r in results.items():
         ref = refs[CHEAP[i % 4]]
         check(r, ref)
-        np.testing.assert_array_equal(r.audio, ref["pcm"])
+        # sessions voiced in one vocoder batch: equal to fp32 rounding, which HiFT's phase integration magnifies
+        # (tests/stages/test_vocoder.py; measured 4.4e-4)
+        np.testing.assert_allclose(r.audio, ref["pcm"], rtol=0, atol=1e-2)
     assert len(results) == 16
 
 
