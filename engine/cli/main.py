@@ -174,7 +174,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--placement", default="cpu", help="cpu | cuda | asr=0,llm=1,tts=1,vocoder=1 (default cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per stage worker (default: the cores shared out among the four workers)")
+                   help="torch threads per stage worker (default: every core; docs/ARCHITECTURE.md, \"Threads\")")
     p.add_argument("--vocoder-memory", type=float, default=None, metavar="GB",
                    help="admit a session only while the vocoder state of the longest replies still fits in GB "
                         "(default: no check); refused opens get engine_full")
