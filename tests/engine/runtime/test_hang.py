@@ -133,28 +133,33 @@ def test_load_makes_workers_slow_not_hung_and_a_stopped_one_is_still_caught(engi
     # 1. Load: two CPU hogs per core beside the four workers, 2 GB touched and held, the ASR worker in the lowest
     #    scheduling class so that it waits for a CPU far longer than HANG_S, a thread of this process (the engine's)
     #    holding the GIL, and a turn in flight through all of it.
-    hogs = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.DEVNULL)
-            for _ in range(2 * (os.cpu_count() or 2))]
-    memory = subprocess.Popen([sys.executable, "-c", "import time; x = b'1' * (2 << 30); time.sleep(60)"])
-    schedule(asr, os.SCHED_IDLE)
-    engine.open("s", session_options(seed=1, greedy=True))
-    try:
-        engine.submit("s", AUDIO)
-        gil = threading.Thread(target=lambda: sum(range(5 * 10 ** 7)))
-        gil.start()
-        time.sleep(4.0)
-        gil.join()
-    finally:
-        for p in (*hogs, memory):
-            p.kill()
-            p.wait()
-        with contextlib.suppress(PermissionError):  # unprivileged, RLIMIT_NICE may forbid the way back
-            schedule(asr, os.SCHED_OTHER)
-    events = list(engine.events("s", timeout=60))
-    engine.close("s")
-    assert isinstance(events[-1], TurnDone), events[-1]
-    st = stages(engine)
-    assert {s: w["pid"] for s, w in st.items()} == pids and all(w["restarts"] == 0 for w in st.values()), st
+    #    Whether the scheduler starves the heartbeat past HANG_S / 2 in a given round depends on the machine, so the
+    #    load comes in up to three rounds, until the ASR worker has been seen silent-but-slow at least once.
+    for _ in range(3):
+        hogs = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.DEVNULL)
+                for _ in range(2 * (os.cpu_count() or 2))]
+        memory = subprocess.Popen([sys.executable, "-c", "import time; x = b'1' * (2 << 30); time.sleep(60)"])
+        schedule(asr, os.SCHED_IDLE)
+        engine.open("s", session_options(seed=1, greedy=True))
+        try:
+            engine.submit("s", AUDIO)
+            gil = threading.Thread(target=lambda: sum(range(5 * 10 ** 7)))
+            gil.start()
+            time.sleep(4.0)
+            gil.join()
+        finally:
+            for p in (*hogs, memory):
+                p.kill()
+                p.wait()
+            with contextlib.suppress(PermissionError):  # unprivileged, RLIMIT_NICE may forbid the way back
+                schedule(asr, os.SCHED_OTHER)
+        events = list(engine.events("s", timeout=60))
+        engine.close("s")
+        assert isinstance(events[-1], TurnDone), events[-1]
+        st = stages(engine)
+        assert {s: w["pid"] for s, w in st.items()} == pids and all(w["restarts"] == 0 for w in st.values()), st
+        if st["asr"]["slow"] >= 1:
+            break
     assert st["asr"]["slow"] >= 1  # it was silent past HANG_S under the load: the deadline alone would have killed it
 
     # 2. A stopped worker is caught HANG_S after its last heartbeat at most (plus two passes of the engine loop),
