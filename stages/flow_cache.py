@@ -86,12 +86,11 @@ class ConvCache:
 
 class SpanBatch:
     """The spans of several streams computed in one call (see the module docstring); each stream owns `rows`
-    consecutive tensor rows (the estimator's two CFG rows, say). Same chunking for all."""
+    consecutive tensor rows (the estimator's two CFG rows, say)."""
 
     def __init__(self, spans: list[Span]):
         self.spans = spans
         self.width = max(s.length for s in spans)
-        self.chunk = spans[0].chunk
         self.ragged = any(s.length < self.width for s in spans)
 
     def valid(self, rows: int, device: torch.device) -> torch.Tensor:
