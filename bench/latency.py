@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -390,6 +391,10 @@ def main(argv=None) -> int:
                         "arrivals": args.arrivals, "rate": args.rate, "gap_s": args.gap, "listen": args.listen,
                         "baseline_schedule": args.baseline_schedule, "systems": ["engine", *systems]},
            "configs": []}
+    path = out / "latency.json"
+    # A run stopped by a time limit (bench/gpu.sh gives each step one) still stops its daemon, and keeps the cells
+    # it measured: SIGTERM unwinds like Ctrl-C, and latency.json holds every finished cell as it goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     per_cell = sum(n * args.turns for n in args.concurrency)
     total = len(plan) * (len(systems) * len(args.seeds) * args.turns + per_cell)
     bar = tqdm(total=total, unit="turn", desc="latency", dynamic_ncols=True)
@@ -434,6 +439,7 @@ def main(argv=None) -> int:
                                     args.gap, args.listen, args.timeout)
                         turns, stages = drive(address, load, args.token, on_turn=bar.update)
                         entry["cells"].append(cell_result(single, load, turns, stages))
+                        path.write_text(json.dumps({**doc, "configs": [*doc["configs"], entry]}, indent=1) + "\n")
                     doc["configs"].append(entry)
             finally:
                 if daemon is not None:
@@ -445,7 +451,6 @@ def main(argv=None) -> int:
             shutil.rmtree(temp_root, ignore_errors=True)
     doc["wall_s"] = round(time.monotonic() - t_start, 1)
     problems = validate(doc)
-    path = out / "latency.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(table(doc))
     print(f"wrote {path}", file=sys.stderr)
