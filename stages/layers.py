@@ -14,6 +14,16 @@ from torch import nn
 from omni2.engine.config import Qwen2Config
 
 
+def prefer_planless_attention(device) -> None:
+    """On CUDA, leave cuDNN out of scaled_dot_product_attention's choices (process-wide).
+
+    torch prefers cuDNN's fused attention on Hopper, and cuDNN builds an execution plan for every new shape: in
+    a decode step the key length grows by one, and a profile on an H200 (torch 2.11, bench/profile_step.py)
+    showed up to ~12 ms of host time per attention call. Flash and memory-efficient attention build nothing."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -80,21 +90,34 @@ class SlotPool:
 
 
 class Batch:
-    """Index tensors of one forward: which slots, where each row starts, how many of its T tokens are real."""
+    """Index tensors of one forward: which slots, where each row starts, how many of its T tokens are real.
 
-    def __init__(self, slots: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, T: int):
-        self.slots, self.starts, self.lengths = slots, starts, lengths  # each (B,), int64
-        ar = torch.arange(T, device=slots.device)
-        self.positions = starts[:, None] + ar  # (B, T)
-        self.valid = ar[None, :] < lengths[:, None]  # (B, T): False on right padding
-        self.kv_len = int((starts + lengths).max())  # keys each row may need, at most
-        keys = torch.arange(self.kv_len, device=slots.device)
+    Built on the host from plain lists, in one host-to-device copy: nothing a layer reads (the key length, where
+    each real token is written) needs a value back from the device, so a step never waits for the GPU mid-way.
+    """
+
+    def __init__(self, slots: list[int], starts: list[int], lengths: list[int], device):
+        B, T = len(slots), max(lengths)
+        rows = [b for b in range(B) for _ in range(lengths[b])]
+        cols = [t for b in range(B) for t in range(lengths[b])]
+        packed = torch.tensor([*slots, *starts, *lengths, *rows, *cols, *(slots[b] for b in rows),
+                               *(starts[b] + t for b, t in zip(rows, cols))], dtype=torch.long).to(device)
+        n = len(rows)
+        self.slots, self.starts, self.lengths = packed[:B], packed[B:2 * B], packed[2 * B:3 * B]  # each (B,)
+        # Real tokens: row and column in the (B, T) input, and the slot and position each is written to.
+        self.rows, self.cols = packed[3 * B:3 * B + n], packed[3 * B + n:3 * B + 2 * n]
+        self.write_slots, self.write_positions = packed[3 * B + 2 * n:3 * B + 3 * n], packed[3 * B + 3 * n:]
+        self.kv_len = max(s + n for s, n in zip(starts, lengths))  # keys each row may need, at most
+        # A lone slot's keys are a view of the cache; several slots' are gathered into a copy.
+        self.lone_slot = slots[0] if B == 1 else None
+        ar = torch.arange(T, device=device)
+        self.positions = self.starts[:, None] + ar  # (B, T)
+        keys = torch.arange(self.kv_len, device=device)
         self.mask = keys[None, None, :] <= self.positions[:, :, None]  # (B, T, L) causal over absolute positions
 
     @classmethod
     def make(cls, slots: list[int], starts: list[int], lengths: list[int], device) -> Batch:
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        return cls(as_t(slots), as_t(starts), as_t(lengths), max(lengths))
+        return cls(list(slots), list(starts), list(lengths), device)
 
 
 class Attention(nn.Module):
@@ -114,13 +137,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         # Write only the real tokens into each row's slot: padding must not spill past max_len.
-        rows, cols = batch.valid.nonzero(as_tuple=True)
-        slot_idx, pos_idx = batch.slots[rows], batch.positions[rows, cols]
-        cache_k[slot_idx, :, pos_idx] = k[rows, :, cols]
-        cache_v[slot_idx, :, pos_idx] = v[rows, :, cols]
+        cache_k[batch.write_slots, :, batch.write_positions] = k[batch.rows, :, batch.cols]
+        cache_v[batch.write_slots, :, batch.write_positions] = v[batch.rows, :, batch.cols]
 
-        keys = cache_k[batch.slots, :, : batch.kv_len]  # (B, Hkv, L, D)
-        values = cache_v[batch.slots, :, : batch.kv_len]
+        if batch.lone_slot is not None:
+            s = batch.lone_slot
+            keys, values = cache_k[s:s + 1, :, : batch.kv_len], cache_v[s:s + 1, :, : batch.kv_len]
+        else:
+            keys = cache_k[batch.slots, :, : batch.kv_len]  # (B, Hkv, L, D)
+            values = cache_v[batch.slots, :, : batch.kv_len]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask[:, None],
                                              enable_gqa=self.n_head != self.n_kv)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -17,7 +17,7 @@ import torch
 
 from omni2.engine.checkpoints.model_dir import THINKER_EXCLUDE, ModelDir
 from omni2.engine.config import Limits, SamplingParams
-from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows
+from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, prefer_planless_attention
 from omni2.stages.sampling import sample
 
 
@@ -93,6 +93,7 @@ class LLMStage:
 
     def __init__(self, lm: Qwen2LM, tokenizer, speech_token_id: int, eos_ids: tuple[int, ...],
                  limits: Limits = Limits(), device="cpu", dtype=torch.float32):
+        prefer_planless_attention(device)
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.tok, self.speech_id, self.eos_ids = tokenizer, speech_token_id, frozenset(eos_ids)
         self.limits, self.device, self.dtype = limits, torch.device(device), dtype

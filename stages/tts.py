@@ -18,7 +18,7 @@ from omni2.engine.checkpoints.model_dir import GENERATOR_EXCLUDE, PREFIX_GENERAT
 from omni2.engine.config import OFFICIAL_SAMPLING, ConfigError, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
-from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows
+from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, prefer_planless_attention
 
 FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
 
@@ -101,6 +101,7 @@ class TTSStage:
     def __init__(self, lm: Qwen2LM, gen: SpeechGenerator, sep_id: int, eos_id: int, unit0: int, n_units: int,
                  stream: StreamParams = StreamParams(), limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
                  device="cpu", dtype=torch.float32):
+        prefer_planless_attention(device)
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.gen = gen.to(device=device, dtype=dtype).eval()
         self.sep_id, self.eos_id, self.unit0, self.n_units = sep_id, eos_id, unit0, n_units

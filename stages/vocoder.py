@@ -31,6 +31,7 @@ from omni2.engine.checkpoints.vocoder_dir import VocoderDir
 from omni2.engine.config import VOCODER_SCHEDULES, ConfigError, Limits, VocoderConfig, VocoderOptions
 from omni2.stages.flow import Flow, FlowStream
 from omni2.stages.hift import HiFT
+from omni2.stages.layers import prefer_planless_attention
 
 
 class VocoderError(RuntimeError):
@@ -90,6 +91,7 @@ def _fade_in_out(new: torch.Tensor, old_tail: torch.Tensor, window: torch.Tensor
 class VocoderStage:
     def __init__(self, flow: Flow, hift, cfg: VocoderConfig, noise: torch.Tensor, voices, limits: Limits = Limits(),
                  options: VocoderOptions = VocoderOptions(), device="cpu", dtype=torch.float32):
+        prefer_planless_attention(device)
         self.flow = flow.to(device=device, dtype=dtype).eval()
         self.hift = hift.to(device=device, dtype=dtype).eval()
         self.cfg, self.opts, self.limits = cfg, options, limits

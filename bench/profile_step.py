@@ -1,0 +1,132 @@
+"""Where one step's time goes: a TTS LM decode step and a live vocoder write, under torch.profiler.
+
+    .venv/bin/python bench/profile_step.py --preset tiny
+    python3 bench/profile_step.py --preset 0.5b --device cuda --root /tmp/ck   # on a GPU machine
+
+For each: the wall time of a step (median of --iters, synchronised), the device time its kernels took, how many
+kernels it launched, and the ops that cost the most host (CPU) time and device time. A step whose kernels take a
+small part of its wall time is bound by the host: Python and launch overhead, which CUDA graphs remove; one whose
+kernels fill it is bound by the device.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from omni2.engine.checkpoints.model_dir import ModelDir
+from omni2.engine.checkpoints.model_writer import write_checkpoint
+from omni2.engine.checkpoints.vocoder_writer import write_vocoder_checkpoint
+from omni2.engine.config import Limits, SamplingParams, TTSOptions, VocoderOptions
+from omni2.stages.tts import TTSInput, TTSStage
+from omni2.stages.vocoder import VocoderInput, VocoderStage
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def tts_step(md: ModelDir, device, dtype, sessions: int):
+    """A callable running one decode step of `sessions` sessions (each mid-chunk, EOS disabled)."""
+    stage = TTSStage.from_checkpoint(md, Limits(max_sessions=sessions), TTSOptions(), device=device, dtype=dtype)
+    stage.eos_id = -1
+    R, H = stage.stream.read, md.config.thinker.hidden_size
+    g = torch.Generator().manual_seed(0)
+    for i in range(sessions):
+        stage.open(f"s{i}", SamplingParams())
+    stage.step([TTSInput(f"s{i}", torch.randint(0, 100, (R,), generator=g).tolist(),
+                         (torch.randn(R, H, generator=g) * 0.5).to(device, dtype)) for i in range(sessions)])
+
+    def step():
+        out = stage.step()
+        if out and out[-1].chunk_end:  # a chunk ended: read the next R tokens so the following step decodes
+            stage.step([TTSInput(f"s{i}", torch.randint(0, 100, (R,), generator=g).tolist(),
+                                 (torch.randn(R, H, generator=g) * 0.5).to(device, dtype)) for i in range(sessions)])
+    return step
+
+
+def vocoder_write(vocoder_dir: Path, device, dtype, sessions: int, left_chunks: int):
+    """A callable voicing one 10-unit write of each of `sessions` sessions (live schedule, window left_chunks)."""
+    opts = VocoderOptions(schedule="live", left_chunks=left_chunks, max_batch=max(sessions, 1))
+    stage = VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=sessions), opts, device=device,
+                                         dtype=dtype)
+    rng = np.random.default_rng(0)
+    for i in range(sessions):
+        stage.open(f"s{i}", seed=i)
+
+    def step():
+        stage.step([VocoderInput(f"s{i}", rng.integers(0, 6561, 10).tolist()) for i in range(sessions)])
+    return step
+
+
+def report(name: str, step, device: torch.device, warmup: int, iters: int, rows: int) -> None:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    walls = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        walls.append((time.perf_counter() - t0) * 1e3)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    events = prof.key_averages()
+    device_ms = sum(e.self_device_time_total for e in events) / 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    wall = statistics.median(walls)
+    print(f"\n== {name}: wall {wall:.1f} ms per step (median of {iters}); device kernels {device_ms:.1f} ms "
+          f"({100 * device_ms / wall:.0f}% of wall), {len(kernels)} kernel launches, {ops} aten ops")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=48))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "7b"])
+    ap.add_argument("--root", default="checkpoints", help="preset checkpoints are written (once) under ROOT/PRESET")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
+    ap.add_argument("--sessions", type=int, nargs="+", default=[1], help="sessions per step")
+    ap.add_argument("--left-chunks", type=int, default=2, help="the vocoder's window (the serving default)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=12, help="ops per table")
+    ap.add_argument("--only", choices=["tts", "vocoder"], help="profile one stage")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    root = Path(args.root) / args.preset
+    model_dir, vocoder_dir = root / f"omni2-{args.preset}", root / "cosy2_decoder"
+    if not (model_dir / "config.json").is_file():
+        print(f"writing the random {args.preset} model into {root} (once)", file=sys.stderr)
+        write_checkpoint(root, preset=args.preset)
+    if not (vocoder_dir / "cosyvoice.yaml").is_file():
+        write_vocoder_checkpoint(root, preset=args.preset)
+    torch.set_grad_enabled(False)
+    print(f"preset {args.preset}  device {device}  dtype {str(dtype).split('.')[-1]}  "
+          f"torch threads {torch.get_num_threads()}")
+    for n in args.sessions:
+        if args.only in (None, "tts"):
+            report(f"TTS decode step, {n} session(s)", tts_step(ModelDir(model_dir), device, dtype, n), device,
+                   args.warmup, args.iters, args.rows)
+        if args.only in (None, "vocoder"):
+            report(f"vocoder live write of 10 units, {n} session(s), window {args.left_chunks}",
+                   vocoder_write(vocoder_dir, device, dtype, n, args.left_chunks), device, args.warmup, args.iters,
+                   args.rows)
+
+
+if __name__ == "__main__":
+    main()
