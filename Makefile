@@ -16,7 +16,7 @@ install:
 	  else $(PYTHON) -m venv $(VENV); fi; \
 	fi
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -e ".[test,bench,audio]"
+	$(PY) -m pip install -e ".[test,bench,audio,realtime]"
 	@$(MAKE) --no-print-directory portaudio
 	@$(PY) -c "import torch, omni2.engine; print('install: ok, torch', torch.__version__)"
 

@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=["omni2.engine", *(f"omni2.engine.{p}" for p in ENGINE_PACKAGES), "omni2.stages", "omni2.kernels"],
     package_dir={"omni2.engine": "engine", "omni2.stages": "stages", "omni2.kernels": "kernels"},
+    package_data={"omni2.engine.serve": ["demo/*.html", "demo/*.js"]},  # the --demo page, served as is
     install_requires=[
         # torch is installed (or kept) by `make install` before this package: an unpinned requirement
         # here would let pip pull a multi-GB CUDA build on a CPU machine.
@@ -31,10 +32,13 @@ setup(
         # triton runs the kernels' tests on CPU in its interpreter (TRITON_INTERPRET=1; tested with 3.9.0). At
         # runtime triton is optional: without it every kernel falls back to its torch reference.
         "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4", "onnx>=1.14", "onnxruntime>=1.16",
-                 "kaldi-native-fbank>=1.18", "triton>=3.0"],
+                 "kaldi-native-fbank>=1.18", "triton>=3.0",
+                 "openai[realtime]>=2.0"],  # the Realtime endpoint's tests drive it with the official SDK
         "voice": ["onnxruntime>=1.16", "kaldi-native-fbank>=1.18"],  # enrol a voice from a wav (campplus.onnx)
         "bench": ["matplotlib>=3.7"],
         "audio": ["sounddevice>=0.4"],
+        # serve --realtime: the WebSocket server, and server VAD (Silero's ONNX graph, run by onnxruntime)
+        "realtime": ["websockets>=13", "onnxruntime>=1.16", "silero-vad>=5.1"],
     },
     entry_points={"console_scripts": ["omni2-engine = omni2.engine.cli.main:main"]},
 )

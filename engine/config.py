@@ -519,6 +519,26 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class RealtimeConfig:
+    """The OpenAI Realtime-compatible WebSocket endpoint (`serve --realtime HOST:PORT`, serve/realtime.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = any free port
+    demo: bool = False  # also serve the browser demo page at /
+    input_rate: int = 24000  # PCM16 rate of input_audio_buffer.append until session.update names another (the API's)
+    output_rate: int = 24000  # PCM16 rate of response.output_audio.delta (the API's; the vocoder's own rate)
+    max_append_bytes: int = 15 << 20  # base64 audio in one append (the API's limit); more is refused, nothing kept
+    max_message_bytes: int = 32 << 20  # one WebSocket message; a bigger one closes the connection (code 1009)
+
+    @classmethod
+    def parse(cls, hostport: str, demo: bool = False) -> RealtimeConfig:
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ConfigError(f"--realtime wants HOST:PORT (e.g. 127.0.0.1:8000), got {hostport!r}")
+        return cls(host=host.strip("[]") or "127.0.0.1", port=int(port), demo=demo)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The daemon's front door (omni2.engine.serve)."""
 
@@ -537,11 +557,17 @@ class ServerConfig:
     # curve_clients (a directory of allowed clients' public certificates) also authentication.
     curve_secret_file: str | None = None
     curve_clients: str | None = None
+    realtime: RealtimeConfig | None = None  # the WebSocket endpoint beside the ZMQ front door, if any
 
     def __post_init__(self):
         if self.curve_clients is not None and self.curve_secret_file is None:
             raise ConfigError("--curve-clients needs --curve-secret-file (the daemon's own key pair)")
         check_bind(self.bind, self.token, authenticated=self.curve_clients is not None)
+        if self.realtime is not None:
+            if self.curve_clients is not None or self.curve_secret_file is not None:
+                raise ConfigError("--realtime cannot be combined with ZMQ CURVE yet (its bridge to the front door "
+                                  "would need a client certificate); use --token-file")
+            check_bind(f"tcp://{self.realtime.host}:{self.realtime.port}", self.token)
 
 
 def is_loopback(bind: str) -> bool:

@@ -194,6 +194,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="seconds a vanished client's sessions are kept for a reconnect (default 10)")
     p.add_argument("--idle-timeout", type=float, default=900.0,
                    help="close a session that has seen nothing for this many seconds (default 900)")
+    p.add_argument("--realtime", metavar="HOST:PORT",
+                   help="also serve the OpenAI Realtime-compatible WebSocket API at ws://HOST:PORT/v1/realtime "
+                        "(docs/REALTIME.md); a non-loopback HOST needs --token-file (clients send "
+                        "'Authorization: Bearer TOKEN')")
+    p.add_argument("--demo", action="store_true", help="with --realtime: serve the browser demo page at "
+                                                       "http://HOST:PORT/")
     p.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING (default INFO)")
     _add_vocoder_options(p)
     p.set_defaults(func=_run_serve)
@@ -221,7 +227,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from omni2.engine.config import DTYPES, EngineConfig, Limits, Placement, ServerConfig, StreamParams
+    from omni2.engine.config import DTYPES, EngineConfig, Limits, Placement, RealtimeConfig, ServerConfig, StreamParams
 
     # Bad values fail here, at once: before the demo checkpoint is written or a model directory is read.
     if args.dtype not in DTYPES:
@@ -232,6 +238,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.vocoder_memory is not None and not args.vocoder_memory > 0:
         raise ConfigError(f"--vocoder-memory must be a positive number of GB, got {args.vocoder_memory}")
     vocoder_options(args)
+    if args.demo and not args.realtime:
+        raise ConfigError("--demo needs --realtime HOST:PORT (the page talks to the Realtime endpoint)")
+    realtime = RealtimeConfig.parse(args.realtime, demo=args.demo) if args.realtime else None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s omni2-engine serve: %(message)s",
                         stream=sys.stderr)
     log = logging.getLogger("omni2.serve")
@@ -240,7 +249,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                        max_sessions_per_client=args.max_sessions_per_client,
                        max_turn_seconds=limits.max_audio_seconds, max_new_tokens=limits.max_new_tokens,
                        reclaim_s=args.reclaim_after, idle_timeout_s=args.idle_timeout,
-                       curve_secret_file=args.curve_secret_file, curve_clients=args.curve_clients)
+                       curve_secret_file=args.curve_secret_file, curve_clients=args.curve_clients,
+                       realtime=realtime)
     if (args.model_dir is None) != (args.vocoder_dir is None):
         raise ConfigError("give both --model-dir and --vocoder-dir, or neither (the demo model)")
     if args.model_dir is None:

@@ -42,6 +42,18 @@ def serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
     except zmq.ZMQError as e:
         server.close()
         raise ConfigError(f"cannot bind {cfg.bind}: {e}") from None
+    realtime = None
+    if cfg.realtime is not None:
+        from omni2.engine.serve.realtime import RealtimeServer
+
+        realtime = RealtimeServer(cfg.realtime, endpoint, cfg.token, cfg.max_turn_seconds)
+        try:
+            url = realtime.start()
+        except OSError as e:
+            server.close()
+            raise ConfigError(f"cannot bind --realtime {cfg.realtime.host}:{cfg.realtime.port}: {e}") from None
+        log.info("realtime endpoint on %s%s", url, f"; demo page at http://{url.split('/', 3)[2]}/"
+                 if cfg.realtime.demo else "")
     old = {sig: signal.signal(sig, during_start) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         log.info("listening on %s; starting the engine's workers (placement %s) ...", endpoint,
@@ -61,6 +73,8 @@ def serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
         server.close()  # the engine cleaned up after itself (Engine.start stops what it started)
         raise
     finally:
+        if realtime is not None:
+            realtime.stop()
         # Not the old handlers: a second SIGTERM while the process winds down would kill it with -15 after
         # a clean stop. Once stopped, further signals are only noted.
         for sig in old:

@@ -1,0 +1,254 @@
+"""The Realtime WebSocket endpoint (`serve --realtime`), driven by the official `openai` SDK's realtime client —
+a client nobody here wrote — and by raw websockets for what the SDK will not send (malformed events, bad auth).
+
+One daemon for the module (tiny demo model, short replies, a token). A turn with server VAD on a spoken WAV must
+give the transcript and audio that the engine gives the ZMQ client for the same committed audio and seed.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from omni2.engine.client import Client
+from tests.engine.serve.daemon_harness import Daemon, free_port
+
+openai = pytest.importorskip("openai")
+websockets = pytest.importorskip("websockets")
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+TOKEN = "realtime-test-token"
+RATE = 24000
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    root = tmp_path_factory.mktemp("realtime")
+    (root / "token").write_text(TOKEN)
+    port = free_port()
+    d = Daemon(["--realtime", f"127.0.0.1:{port}", "--token-file", str(root / "token"), "--max-new-tokens", "12"],
+               root / "daemon.log", token=TOKEN)
+    d.realtime_port = port
+    d.wait_ready()
+    yield d
+    assert d.stop() == 0, d.log()
+    assert not d.leftovers()
+
+
+def wav(name: str, rate: int = RATE) -> np.ndarray:
+    a, sr = sf.read(DATA / name, dtype="float32")
+    return np.clip(np.rint(soxr.resample(a, sr, rate) * 32767), -32768, 32767).astype(np.int16)
+
+
+def b64(pcm: np.ndarray) -> str:
+    return base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+
+
+def sdk(daemon, key: str = TOKEN):
+    client = openai.AsyncOpenAI(api_key=key, base_url=f"http://127.0.0.1:{daemon.realtime_port}/v1")
+    return client.realtime.connect(model="omni2")
+
+
+async def append(conn, pcm: np.ndarray, step: int = 4800) -> None:
+    for i in range(0, pcm.size, step):
+        await conn.input_audio_buffer.append(audio=b64(pcm[i:i + step]))
+
+
+async def until(conn, *types: str, log: list | None = None):
+    """Events up to and including the first of `types` (all of them kept in `log`)."""
+    async for ev in conn:
+        if log is not None:
+            log.append(ev)
+        if ev.type == "error" and "error" not in types:
+            raise AssertionError(f"error event: {ev.error}")
+        if ev.type in types:
+            return ev
+    raise AssertionError("connection closed")
+
+
+def reply_of(events: list) -> tuple[str, np.ndarray]:
+    text = "".join(e.delta for e in events if e.type == "response.output_audio_transcript.delta")
+    pcm = [np.frombuffer(base64.b64decode(e.delta), "<i2") for e in events if e.type == "response.output_audio.delta"]
+    return text, np.concatenate(pcm) if pcm else np.zeros(0, np.int16)
+
+
+def test_a_server_vad_turn_equals_the_engine_reply(daemon):
+    question = wav("question.wav")
+    silence = np.zeros(RATE // 2, np.int16)
+    pcm = np.concatenate([silence, question, silence, silence])
+
+    async def talk():
+        events = []
+        async with sdk(daemon) as conn:
+            created = await until(conn, "session.created")
+            assert created.session.audio.input.turn_detection.type == "server_vad"
+            await append(conn, pcm)
+            started = await until(conn, "input_audio_buffer.speech_started", log=events)
+            stopped = await until(conn, "input_audio_buffer.speech_stopped", log=events)
+            done = await until(conn, "response.done", log=events)
+        return started, stopped, done, events
+
+    started, stopped, done, events = asyncio.run(talk())
+    # The VAD heard the question where it is: after the leading 0.5 s of silence, less the 300 ms padding.
+    assert 150 <= started.audio_start_ms <= 300, started.audio_start_ms
+    assert 4300 <= stopped.audio_end_ms <= 4900, stopped.audio_end_ms
+    kinds = [e.type for e in events]
+    for k in ("input_audio_buffer.committed", "response.created", "response.output_item.added",
+              "response.output_audio.done", "response.output_audio_transcript.done", "response.output_item.done"):
+        assert k in kinds, (k, kinds)
+    assert done.response.status in ("completed", "incomplete")
+    text, audio = reply_of(events)
+    assert text and audio.size > RATE // 10
+    assert done.response.output[0].content[0].transcript == text
+    assert float(done.response.metadata["omni2_first_audio"]) > 0
+
+    # The same committed span, sent by the ZMQ client to a fresh session with the same (default) seed and voice.
+    span = pcm[started.audio_start_ms * RATE // 1000: stopped.audio_end_ms * RATE // 1000]
+    with daemon.client() as c:
+        s = c.open()
+        ref = s.reply(span, RATE)
+        s.close()
+    assert ref.text == text
+    expected = np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16)
+    assert np.array_equal(expected, audio)
+
+
+def test_response_cancel_mid_reply_then_the_next_turn(daemon):
+    question = wav("question.wav")
+
+    async def talk():
+        async with sdk(daemon) as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            updated = await until(conn, "session.updated")
+            assert updated.session.audio.input.turn_detection is None
+            await append(conn, question)
+            await conn.input_audio_buffer.commit()
+            await until(conn, "input_audio_buffer.committed")
+            await conn.response.create()
+            await until(conn, "response.output_audio.delta")
+            await conn.response.cancel()
+            cancelled = await until(conn, "response.done")
+            # Nothing to cancel now: an error event, and the connection goes on.
+            await conn.response.cancel()
+            err = await until(conn, "error")
+            await append(conn, question)
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            second = await until(conn, "response.done")
+        return cancelled, err, second
+
+    cancelled, err, second = asyncio.run(talk())
+    assert cancelled.response.status == "cancelled"
+    assert cancelled.response.status_details.reason == "client_cancelled"
+    assert err.error.code == "response_cancel_not_active"
+    assert second.response.status in ("completed", "incomplete")
+    assert second.response.metadata["omni2_turn"] == "1"  # the engine's second turn of this session
+
+
+def test_barge_in_cancels_the_reply_and_the_next_turn_is_answered(daemon):
+    question, interruption = wav("question.wav"), wav("interruption.wav")
+    silence = np.zeros(RATE // 2, np.int16)
+
+    async def talk():
+        events = []
+        async with sdk(daemon) as conn:
+            await until(conn, "session.created")
+            await append(conn, np.concatenate([question, silence, silence]))
+            await until(conn, "response.output_audio.delta", log=events)
+            await append(conn, np.concatenate([interruption, silence, silence]))
+            first = await until(conn, "response.done", log=events)
+            second = await until(conn, "response.done", log=events)
+        return first, second, [e.type for e in events]
+
+    first, second, kinds = asyncio.run(talk())
+    assert first.response.status == "cancelled"
+    assert first.response.status_details.reason == "turn_detected"
+    assert kinds.count("input_audio_buffer.speech_started") == 2
+    assert kinds.index("input_audio_buffer.speech_started", kinds.index("response.created")) < kinds.index(
+        "response.done")
+    assert second.response.status in ("completed", "incomplete")
+    assert second.response.output[0].content[0].transcript
+
+
+def test_wrong_or_missing_token_is_refused_at_the_handshake(daemon):
+    async def connect(headers):
+        url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
+        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+            async with websockets.connect(url, additional_headers=headers):
+                pass
+        return e.value.response.status_code
+
+    assert asyncio.run(connect({"Authorization": "Bearer nope"})) == 401
+    assert asyncio.run(connect({})) == 401
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        asyncio.run(sdk(daemon, key="wrong").__aenter__())
+
+
+def fuzz_messages(n: int, seed: int = 0) -> list:
+    """Messages a careless or hostile client might send: not JSON, not objects, unknown types, bad fields."""
+    rng = random.Random(seed)
+    good = ['{"type": "session.update", "session": {}}', '{"type": "input_audio_buffer.append", "audio": ""}']
+    shapes = [
+        lambda: "".join(chr(rng.randrange(32, 127)) for _ in range(rng.randrange(0, 40))),
+        lambda: json.dumps(rng.choice([None, 1, "x", [], [1, 2], True])),
+        lambda: json.dumps({"type": rng.choice(["", "nope", "response.audio", "session", 7, None])}),
+        lambda: json.dumps({"type": "input_audio_buffer.append", "audio": rng.choice(["@@@", "QQ=", 5, None, "QUJD"])}),
+        lambda: json.dumps({"type": "session.update", "session": rng.choice([
+            None, [], {"audio": {"input": {"format": {"type": "audio/pcmu"}}}},
+            {"audio": {"input": {"format": {"type": "audio/pcm", "rate": rng.choice([1, 10**9, "24k"])}}}},
+            {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}},
+            {"audio": {"input": {"turn_detection": {"threshold": rng.choice([-1, 2, "x"])}}}},
+            {"output_modalities": rng.choice([[], ["video"], "audio"])}, {"voice": rng.choice([3, None, []])}])}),
+        lambda: json.dumps({"type": rng.choice(["response.cancel", "input_audio_buffer.commit",
+                                                "conversation.item.truncate", "response.create"])}),
+        lambda: rng.choice(good)[: rng.randrange(1, 30)],
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20))),
+    ]
+    return [rng.choice(shapes)() for _ in range(n)]
+
+
+def test_malformed_messages_get_error_events_and_the_connection_keeps_working(daemon):
+    url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
+
+    async def fuzz():
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                                      max_size=None) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            await ws.send(json.dumps({"type": "session.update", "session": {
+                "audio": {"input": {"turn_detection": None}}}}))
+            assert json.loads(await ws.recv())["type"] == "session.updated"
+            errors = codes = 0
+            seen = set()
+            for msg in fuzz_messages(2000):
+                await ws.send(msg)
+                ev = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if ev["type"] == "error":
+                    errors += 1
+                    seen.add(ev["error"]["code"])
+                    codes += bool(ev["error"]["code"] and ev["error"]["message"])
+            # An append over the per-message limit (15 MiB of base64): refused, nothing kept.
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "A" * ((15 << 20) + 4)}))
+            big = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "evt_mine"}))
+            empty = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "session.update", "session": {"voice": "default"}}))
+            alive = json.loads(await ws.recv())
+            return errors, codes, seen, big, empty, alive
+
+    errors, codes, seen, big, empty, alive = asyncio.run(fuzz())
+    assert errors >= 1500 and codes == errors
+    assert {"invalid_json", "invalid_event", "unknown_event_type", "invalid_value"} <= seen, seen
+    assert big["error"]["code"] == "input_audio_buffer_append_too_large"
+    assert empty["error"]["code"] == "input_audio_buffer_commit_empty"
+    assert empty["error"]["event_id"] == "evt_mine"
+    assert alive["type"] == "session.updated"
+    with Client(daemon.address, token=TOKEN) as c:  # and the daemon serves on
+        assert c.ping() < 5
