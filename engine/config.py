@@ -133,6 +133,16 @@ class StreamParams:
     def to_str(self) -> str:
         return f"({self.read},{self.write})"
 
+    def tokens_read(self, units: int, n_tokens: int) -> int:
+        """Text tokens of an n_tokens reply that the TTS LM had read when it wrote its first `units` units: write
+        chunk c (units cW .. cW+W-1) follows the reading of tokens up to (c+1)R; the chunks after the text's end
+        (the final flush after <sep>) follow all of it. What the user has heard of a reply's text when its
+        audio is cut after `units` units (conversation.item.truncate)."""
+        if units <= 0:
+            return 0
+        chunk = (units - 1) // self.write
+        return (chunk + 1) * self.read if chunk < n_tokens // self.read else n_tokens
+
 
 @dataclass(frozen=True)
 class SpeechGeneratorConfig:

@@ -32,13 +32,16 @@ class LLMTurn:
     uid: the turn's id in the conversation (None: the next one); ids only grow and are never reused.
     history: the uids of the earlier turns the conversation holds (None: every finished turn). A turn left out —
     one that was cancelled or failed — is dropped from the prompt with its answer, so what the thinker reads is
-    decided by whoever names the history (the engine), never by when a cancel arrived."""
+    decided by whoever names the history (the engine), never by when a cancel arrived.
+    cuts: earlier turns whose answer the prompt holds only in part, {uid: answer tokens kept}: what the user
+    heard of a reply before talking over it (conversation.truncate)."""
 
     session_id: str
     speech: torch.Tensor
     max_new_tokens: int | None = None
     uid: int | None = None
     history: list[int] | None = None
+    cuts: dict[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -62,7 +65,7 @@ class _Session:
     # never be mistaken for the rows of the turn that replaces it.
     uids: list[int] = field(default_factory=list)
     next_uid: int = 0
-    answers: list[str] = field(default_factory=list)  # assistant text of finished turns (answers[i] for uids[i])
+    answers: list[list[int]] = field(default_factory=list)  # answer ids of finished turns (answers[i]: uids[i])
     cached: list = field(default_factory=list)  # items whose K/V sit at positions 0.. of the slot
     pending: list | None = None  # items still to prefill for the current turn
     generated: list[int] = field(default_factory=list)
@@ -165,7 +168,9 @@ class LLMStage:
         wanted = set(s.uids if turn.history is None else turn.history)
         kept = [i for i, u in enumerate(s.uids) if u in wanted]
         speech, uids, answers = [s.speech[i] for i in kept], [s.uids[i] for i in kept], [s.answers[i] for i in kept]
-        items = self._prompt_items([x.shape[0] for x in speech] + [turn.speech.shape[0]], uids + [uid], answers)
+        cuts = turn.cuts or {}
+        texts = [self.tok.decode(a[:cuts.get(u, len(a))], skip_special_tokens=True) for u, a in zip(uids, answers)]
+        items = self._prompt_items([x.shape[0] for x in speech] + [turn.speech.shape[0]], uids + [uid], texts)
         if len(items) >= self.limits.max_context:
             raise LLMError(f"prompt of {len(items)} positions does not fit the context limit "
                            f"{self.limits.max_context} (close the session or raise --max-context)")
@@ -238,8 +243,7 @@ class LLMStage:
             text = s.detok.push(tok, last=reason is not None)
             out.append(LLMToken(sid, tok, last[b], text, reason is not None, reason))
             if reason is not None:
-                answer = [t for t in s.generated if t not in self.eos_ids]
-                s.answers.append(self.tok.decode(answer, skip_special_tokens=True))
+                s.answers.append([t for t in s.generated if t not in self.eos_ids])
                 s.generated, s.detok = [], None
         return out
 

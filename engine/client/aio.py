@@ -178,6 +178,14 @@ class AsyncSession:
     async def cancel(self) -> None:
         await self.client.send(P.ResponseCancel(self.id))
 
+    async def truncate(self, turn: int, tokens: int) -> int:
+        """The thinker reads only the first `tokens` text tokens of finished turn `turn`'s answer from the next
+        turn on (what the user heard of it); returns the tokens kept."""
+        await self.client.send(P.ConversationTruncate(self.id, turn, tokens))
+        ev = await self.client._wait(self.id, (P.ConversationTruncated,), self.client.timeout,
+                                     "conversation.truncated")
+        return ev.tokens
+
     async def close(self, timeout: float | None = None) -> None:
         await self.client.send(P.SessionClose(self.id))
         try:

@@ -204,6 +204,13 @@ class Session:
         """Barge-in: the reply ends with response.done(finish_reason="cancelled") (events() still yields it)."""
         self.client.send(P.ResponseCancel(self.id))
 
+    def truncate(self, turn: int, tokens: int) -> int:
+        """The thinker reads only the first `tokens` text tokens of finished turn `turn`'s answer from the next
+        turn on (what the user heard of it); returns the tokens kept."""
+        self.client.send(P.ConversationTruncate(self.id, turn, tokens))
+        return self.client._wait(self.id, (P.ConversationTruncated,), self.client.timeout,
+                                 "conversation.truncated").tokens
+
     def close(self, timeout: float | None = None) -> None:
         self.client.send(P.SessionClose(self.id))
         try:

@@ -96,6 +96,8 @@ class _Session:
     turn: Turn | None = None
     next_turn: int = 0
     history: list[int] = field(default_factory=list)  # turns that finished: the conversation the thinker reads
+    answer_tokens: dict[int, int] = field(default_factory=dict)  # text tokens of each finished turn's answer
+    cuts: dict[int, int] = field(default_factory=dict)  # turn -> answer tokens the thinker reads (truncate())
 
 
 @dataclass
@@ -299,8 +301,25 @@ class Engine:
             s.turn = Turn(n, time.perf_counter(), self.read)
             _drop_cancel_marks(s.events)  # a cancel nobody waited for must not end the new turn's events()
             history = list(s.history)
-        self._put_asr(EngineToAsr([s.key], [n], [audio], [True], 16000, time.perf_counter(), [history]))
+            cuts = [x for t, k in sorted(s.cuts.items()) if t in history for x in (t, k)]
+        self._put_asr(EngineToAsr([s.key], [n], [audio], [True], 16000, time.perf_counter(), [history],
+                                  [cuts] if cuts else []))
         return n
+
+    def truncate(self, session_id: str, turn: int, tokens: int) -> int:
+        """From the next turn on, the thinker reads only the first `tokens` text tokens of finished turn `turn`'s
+        answer: what the user heard of it (the Realtime API's conversation.item.truncate). Returns the tokens
+        kept (at most the answer's length). A cancelled or failed turn is not in the conversation at all."""
+        s = self._get(session_id)
+        with self._lock:
+            if turn not in s.history:
+                raise EngineError("bad_turn", f"turn {turn} is not in the conversation of session {session_id!r}: "
+                                  "only finished turns are (a cancelled or failed one is left out whole)")
+            if tokens < 0:
+                raise EngineError("bad_request", f"tokens must be >= 0, got {tokens}")
+            kept = min(tokens, s.answer_tokens.get(turn, tokens))
+            s.cuts[turn] = kept
+            return kept
 
     def submit(self, session_id: str, audio: np.ndarray, sample_rate: int = 16000) -> int:
         self._get(session_id).chunks.clear()
@@ -533,7 +552,9 @@ class Engine:
             if t.done():
                 s.turn = None
                 s.history.append(t.number)  # only a finished turn: a cancelled or failed one never enters it
-                self._emit(s, t.finish(uid))
+                done = t.finish(uid)
+                s.answer_tokens[t.number] = len(done.token_ids)
+                self._emit(s, done)
 
     def _emit(self, s: _Session, ev: Event) -> None:
         if self.on_event is not None:

@@ -122,6 +122,7 @@ class _AsrTurn:
     turn: int
     audio: np.ndarray
     history: list[int] | None
+    cuts: list[int]  # as EngineToAsr.cuts
 
 
 class AsrRunner(Runner):
@@ -151,7 +152,8 @@ class AsrRunner(Runner):
             self.parts.setdefault(sid, []).append(np.array(audio, dtype=np.float32))
             if end:
                 history = msg.histories[i] if msg.histories else None
-                self.queue.append(_AsrTurn(sid, turn, np.concatenate(self.parts.pop(sid)), history))
+                cuts = msg.cuts[i] if msg.cuts else []
+                self.queue.append(_AsrTurn(sid, turn, np.concatenate(self.parts.pop(sid)), history, cuts))
 
     def ready(self) -> bool:
         return bool(self.queue)
@@ -167,10 +169,11 @@ class AsrRunner(Runner):
         self.queue = rest
         out = self.asr.step([(q.session_id, q.audio) for q in batch])
         histories = [q.history for q in batch]
+        cuts = [q.cuts for q in batch]
         return [("asr_llm", AsrToLlm([q.session_id for q in batch], [q.turn for q in batch],
                                      [_host(emb) for _, emb in out],
                                      [self.options[q.session_id].max_new_tokens for q in batch], time.perf_counter(),
-                                     [] if None in histories else histories))]
+                                     [] if None in histories else histories, cuts if any(cuts) else []))]
 
 
 class LlmRunner(Runner):
@@ -199,8 +202,10 @@ class LlmRunner(Runner):
             if not self.accept(sid, turn):
                 continue
             history = msg.histories[i] if msg.histories else None
+            pairs = msg.cuts[i] if msg.cuts else []
+            cuts = dict(zip(pairs[::2], pairs[1::2])) or None
             try:
-                self.llm.admit(LLMTurn(sid, speech.clone(), max_new, uid=turn, history=history))
+                self.llm.admit(LLMTurn(sid, speech.clone(), max_new, uid=turn, history=history, cuts=cuts))
             except LLMError as e:
                 self.fail(sid, "llm_refused", str(e))
                 continue

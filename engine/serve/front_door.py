@@ -60,7 +60,7 @@ class FrontDoor:
         self._counts = {"requests": 0, "errors": 0, "reclaimed": 0, "unauthorized": 0}
         self._handlers = {P.SessionOpen: self._open, P.AudioAppend: self._append, P.AudioCommit: self._commit,
                           P.ResponseCancel: self._cancel, P.SessionClose: self._close_req, P.Ping: self._ping,
-                          P.StatusRequest: self._status}
+                          P.StatusRequest: self._status, P.ConversationTruncate: self._truncate}
         self.endpoint = cfg.bind
 
     # -- called from other threads --------------------------------------------------------------------------
@@ -253,6 +253,11 @@ class FrontDoor:
         if s.turn < 0:
             raise RequestError("no_response", "no reply in flight to cancel")
         self._end_reply(s, "cancelled")
+
+    def _truncate(self, client: ClientState, m: P.ConversationTruncate) -> None:
+        s = self._session(client, m.session_id)
+        kept = self.engine.truncate(s.sid, m.turn, m.tokens)
+        self._send(client, P.ConversationTruncated(s.name, m.turn, kept))
 
     def _close_req(self, client: ClientState, m: P.SessionClose) -> None:
         self._close(self._session(client, m.session_id), "closed")

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
 
@@ -32,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from omni2.engine.client import AsyncClient, ClientError, RemoteError
-from omni2.engine.config import RealtimeConfig
+from omni2.engine.config import RealtimeConfig, StreamParams
 from omni2.engine.serve.vad import VAD_RATE, TurnDetector, VADSettings
 from omni2.engine.wire import protocol as P
 
@@ -148,6 +149,16 @@ def select_subprotocol(connection: ServerConnection, subprotocols) -> str | None
     return "realtime" if "realtime" in subprotocols else None
 
 
+@dataclass
+class Heard:
+    """A finished reply, as conversation.item.truncate needs it: its engine turn, text tokens, units and audio."""
+
+    turn: int
+    tokens: int
+    units: int
+    audio_ms: int
+
+
 class EventError(Exception):
     """A client event we refuse: becomes an `error` event; the connection goes on."""
 
@@ -180,6 +191,7 @@ class Connection:
         self.committed: list[tuple[str, np.ndarray]] = []  # (item id, PCM16) committed, not yet answered
         self.last_item: str | None = None
         self.response: Reply | None = None
+        self.answered: dict[str, Heard] = {}  # assistant items of finished replies: what a truncate may cut
         self.replies: asyncio.Task | None = None
         self.send_lock = asyncio.Lock()
 
@@ -206,6 +218,7 @@ class Connection:
     async def _open_engine_session(self) -> None:
         self.client = AsyncClient(self.server.front_door, token=self.server.token or "", timeout=120.0)
         self.session = await self.client.open(self.session_id, voice=self.voice)
+        self.stream = StreamParams.parse(self.session.info.stream_params)
         if self.session.sample_rate != self.out_rate:
             log.info("realtime: the vocoder speaks at %d Hz; output resampled to %d Hz", self.session.sample_rate,
                      self.out_rate)
@@ -447,8 +460,23 @@ class Connection:
         await self.response.cancel("client_cancelled")
 
     async def truncate(self, event: dict) -> None:
-        raise EventError("unsupported", "conversation.item.truncate is not supported yet: a cancelled reply is "
-                         "left out of the conversation whole (docs/REALTIME.md)")
+        item = event.get("item_id")
+        heard = self.answered.get(item) if isinstance(item, str) else None
+        if heard is None:
+            raise EventError("item_truncate_invalid_item_id", f"no assistant item {item!r} in the conversation "
+                             "(a cancelled reply is left out of it whole)", "item_id")
+        if event.get("content_index", 0) != 0:
+            raise EventError("invalid_value", "content_index must be 0 (an item has one audio part)",
+                             "content_index")
+        end_ms = event.get("audio_end_ms")
+        if not isinstance(end_ms, int) or isinstance(end_ms, bool) or not 0 <= end_ms <= heard.audio_ms:
+            raise EventError("invalid_value", f"audio_end_ms must be an integer in [0, {heard.audio_ms}] (the "
+                             f"item's audio)", "audio_end_ms")
+        units = -(-end_ms * heard.units // heard.audio_ms) if heard.audio_ms else 0
+        tokens = self.stream.tokens_read(units, heard.tokens)
+        await self.session.truncate(heard.turn, tokens)
+        await self.emit({"type": "conversation.item.truncated", "item_id": item, "content_index": 0,
+                         "audio_end_ms": end_ms})
 
     # -- replies -------------------------------------------------------------------------------------------------
     async def answer(self) -> None:
@@ -595,6 +623,9 @@ class Reply:
         else:
             status, details = "completed", None
         item_status = "completed" if status == "completed" else "incomplete"
+        if status != "cancelled":  # in the engine's conversation: a truncate may cut it
+            c.answered[self.item] = Heard(done.turn, len(done.token_ids), len(done.units),
+                                          self.samples * 1000 // c.out_rate)
         await c.emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0,
                       "item": {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
                                "status": item_status, "content": [part]}})

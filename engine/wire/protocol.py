@@ -175,6 +175,9 @@ class EngineToAsr:
     sample_rate: int
     t: float
     histories: list[list[int]] = field(default_factory=list)
+    # cuts[i]: (turn, answer tokens kept) pairs, flattened: earlier answers the thinker reads only in part
+    # (conversation.truncate); [] for the whole message = none.
+    cuts: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -187,6 +190,7 @@ class AsrToLlm:
     max_new_tokens: list[int | None]
     t: float
     histories: list[list[int]] = field(default_factory=list)  # as EngineToAsr.histories
+    cuts: list[list[int]] = field(default_factory=list)  # as EngineToAsr.cuts
 
 
 @dataclass(slots=True)
@@ -389,6 +393,18 @@ class ResponseCancel:
 
 
 @dataclass(slots=True)
+class ConversationTruncate:
+    """conversation.truncate: from the next turn on, the thinker reads only the first `tokens` text tokens of
+    finished turn `turn`'s answer (what the user heard before talking over it); answered by
+    conversation.truncated. `tokens` at or past the answer's length keeps it whole."""
+
+    TYPE: ClassVar[str] = "conversation.truncate"
+    session_id: str
+    turn: int
+    tokens: int
+
+
+@dataclass(slots=True)
 class SessionClose:
     """session.close: cancel what is in flight and free the session (answered by session.closed)."""
 
@@ -515,6 +531,16 @@ class ServerError:
 
 
 @dataclass(slots=True)
+class ConversationTruncated:
+    """conversation.truncated: the cut is recorded; `tokens` is what the thinker will read of that answer."""
+
+    TYPE: ClassVar[str] = "conversation.truncated"
+    session_id: str
+    turn: int
+    tokens: int
+
+
+@dataclass(slots=True)
 class SessionClosed:
     """session.closed: the session is gone (asked for, reclaimed after the client vanished, or shutdown)."""
 
@@ -544,16 +570,18 @@ class StatusReply:
 
 CLIENT_KINDS: dict[type, int] = {
     SessionOpen: 0x60, AudioAppend: 0x61, AudioCommit: 0x62, ResponseCancel: 0x63, SessionClose: 0x64,
-    Ping: 0x65, StatusRequest: 0x66,
+    Ping: 0x65, StatusRequest: 0x66, ConversationTruncate: 0x67,
     SessionOpened: 0x70, AudioCommitted: 0x71, ResponseTextDelta: 0x72, ResponseUnitsDelta: 0x73,
     ResponseAudioDelta: 0x74, ResponseTiming: 0x75, ResponseDone: 0x76, ServerError: 0x77, SessionClosed: 0x78,
-    Pong: 0x79, StatusReply: 0x7A,
+    Pong: 0x79, StatusReply: 0x7A, ConversationTruncated: 0x7B,
 }
 assert all(0x60 <= k <= 0x7F for k in CLIENT_KINDS.values())
 
-CLIENT_REQUESTS = (SessionOpen, AudioAppend, AudioCommit, ResponseCancel, SessionClose, Ping, StatusRequest)
+CLIENT_REQUESTS = (SessionOpen, AudioAppend, AudioCommit, ResponseCancel, SessionClose, Ping, StatusRequest,
+                   ConversationTruncate)
 ServerEvent = (SessionOpened | AudioCommitted | ResponseTextDelta | ResponseUnitsDelta | ResponseAudioDelta
-               | ResponseTiming | ResponseDone | ServerError | SessionClosed | Pong | StatusReply)
+               | ResponseTiming | ResponseDone | ServerError | SessionClosed | Pong | StatusReply
+               | ConversationTruncated)
 
 # ------------------------------------------------------------------------------------------------- encoding
 

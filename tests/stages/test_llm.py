@@ -93,7 +93,7 @@ def test_second_turn_reuses_the_cache_and_equals_a_full_reprefill(md, oracle):
     stage.open("s")
     e1, e2 = speech(300, H, 1), speech(300, H, 2)
     first = run_turn(stage, "s", e1)
-    answer = stage.sessions["s"].answers[0]
+    answer = md.tokenizer().decode(stage.sessions["s"].answers[0], skip_special_tokens=True)
     cached_before = len(stage.sessions["s"].cached)
     second = run_turn(stage, "s", e2)
     ref_ids, ref_h = oracle_reply(oracle, md, [e1, e2], [answer], 12)
@@ -203,9 +203,10 @@ def test_a_turn_left_out_of_the_history_is_not_read_even_after_it_finished(md, o
     e0, e1, e2 = speech(300, H, 5), speech(300, H, 6), speech(300, H, 7)
     turn(stage, LLMTurn("h", e0, uid=0, history=[]))
     turn(stage, LLMTurn("h", e1, uid=1, history=[0]))  # finished: its answer is in the session's state now ...
-    answer0, answer1 = stage.sessions["h"].answers
+    ids0, ids1 = stage.sessions["h"].answers
+    answer0, answer1 = (md.tokenizer().decode(a, skip_special_tokens=True) for a in (ids0, ids1))
     third = turn(stage, LLMTurn("h", e2, uid=3, history=[0]))  # ... and left out of the next turn's history
-    assert stage.sessions["h"].uids == [0, 3] and stage.sessions["h"].answers[:1] == [answer0]
+    assert stage.sessions["h"].uids == [0, 3] and stage.sessions["h"].answers[:1] == [ids0]
     ref_ids, ref_h = oracle_reply(oracle, md, [e0, e2], [answer0], 8)
     assert [t.token_id for t in third] == ref_ids
     assert (torch.stack([t.hidden for t in third]) - ref_h).abs().max().item() < 1e-4
@@ -213,6 +214,26 @@ def test_a_turn_left_out_of_the_history_is_not_read_even_after_it_finished(md, o
     assert (kept_h[:1] - ref_h[:1]).abs().max().item() > 1e-3  # the left-out turn would have changed the reply
     with pytest.raises(LLMError, match="not new"):
         stage.step([LLMTurn("h", e2, uid=2, history=[0])])
+
+
+def test_a_cut_answer_is_read_as_its_first_tokens(md, oracle):
+    """LLMTurn.cuts: the prompt holds only the first k tokens of a cut turn's answer (what the user heard before
+    talking over it), and the reply equals the official algorithm on that shortened conversation."""
+    stage = LLMStage.from_checkpoint(md, Limits(max_sessions=1, max_context=2048, max_new_tokens=8))
+    H, tok = md.config.thinker.hidden_size, md.tokenizer()
+    stage.open("c")
+    e0, e1 = speech(300, H, 8), speech(300, H, 9)
+    turn(stage, LLMTurn("c", e0, uid=0, history=[]))
+    ids0 = stage.sessions["c"].answers[0]
+    assert len(ids0) >= 4
+    k = 2
+    second = turn(stage, LLMTurn("c", e1, uid=1, history=[0], cuts={0: k}))
+    ref_ids, ref_h = oracle_reply(oracle, md, [e0, e1], [tok.decode(ids0[:k], skip_special_tokens=True)], 8)
+    assert [t.token_id for t in second] == ref_ids
+    assert (torch.stack([t.hidden for t in second]) - ref_h).abs().max().item() < 1e-4
+    _, whole_h = oracle_reply(oracle, md, [e0, e1], [tok.decode(ids0, skip_special_tokens=True)], 8)
+    assert (whole_h[:1] - ref_h[:1]).abs().max().item() > 1e-3  # the cut changed what the thinker read
+    assert stage.sessions["c"].answers[0] == ids0  # the cut is the caller's to name each turn, not a deletion
 
 
 def turn(stage, t: LLMTurn) -> list:

@@ -154,6 +154,29 @@ def test_two_turns_keep_the_conversation(engine, ref):
         assert np.array_equal(reply(g)[3], reply(w)[3])
 
 
+def test_a_truncated_answer_is_named_to_the_thinker_with_the_next_turn(engine):
+    """Engine.truncate records the cut; the next commit carries it with the history (the runner and LLM stage
+    tests take it from there: tests/engine/runtime/test_runners.py, tests/stages/test_llm.py)."""
+    engine.open("t", session_options(seed=3, greedy=True))
+    try:
+        first = list(engine.turn("t", speech(3), timeout=60))
+        n = len(reply(first)[1])
+        assert engine.truncate("t", 0, 10**6) == n  # past the end keeps the whole answer
+        assert engine.truncate("t", 0, 2) == min(2, n)
+        with pytest.raises(EngineError) as e:
+            engine.truncate("t", 7, 1)
+        assert e.value.code == "bad_turn"
+        seen, put = [], engine._put_asr
+        engine._put_asr = lambda msg: (seen.append(msg), put(msg))[1]
+        try:
+            reply(list(engine.turn("t", speech(4), timeout=60)))
+        finally:
+            del engine._put_asr
+        assert seen[-1].histories == [[0]] and seen[-1].cuts == [[0, min(2, n)]]
+    finally:
+        engine.close("t")
+
+
 def test_session_errors_are_clear(engine):
     engine.open("e", session_options())
     try:

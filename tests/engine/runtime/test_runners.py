@@ -21,16 +21,17 @@ class Recorder:
 def test_the_history_the_engine_names_reaches_the_thinker():
     asr = AsrRunner(Recorder(step=lambda batch: [(sid, torch.zeros(3, 4)) for sid, _ in batch]), Limits())
     asr.open(to_wire("s", SessionOptions()))
-    asr.feed(EngineToAsr(["s"], [2], [np.zeros(1600, np.float32)], [True], 16000, 0.0, [[0]]))
+    asr.feed(EngineToAsr(["s"], [2], [np.zeros(1600, np.float32)], [True], 16000, 0.0, [[0, 1]], [[1, 6]]))
     (_, out), = asr.step()
-    assert out.turns == [2] and out.histories == [[0]]
+    assert out.turns == [2] and out.histories == [[0, 1]] and out.cuts == [[1, 6]]
     llm = LlmRunner(Recorder(sessions={}))
     llm.open(to_wire("s", SessionOptions()))
-    llm.feed(AsrToLlm(["s"], [2], out.speech, [None], 0.0, out.histories))
+    llm.feed(AsrToLlm(["s"], [2], out.speech, [None], 0.0, out.histories, out.cuts))
     (name, (turn,), _), = [c for c in llm.llm.calls if c[0] == "admit"]
-    assert (turn.uid, turn.history) == (2, [0])
-    llm.feed(AsrToLlm(["s"], [3], out.speech, [None], 0.0))  # no histories: every finished turn
-    assert [c[1][0].history for c in llm.llm.calls if c[0] == "admit"] == [[0], None]
+    assert (turn.uid, turn.history, turn.cuts) == (2, [0, 1], {1: 6})  # turn 1's answer: its first 6 tokens
+    llm.feed(AsrToLlm(["s"], [3], out.speech, [None], 0.0))  # no histories: every finished turn, nothing cut
+    assert [(c[1][0].history, c[1][0].cuts) for c in llm.llm.calls if c[0] == "admit"] == [([0, 1], {1: 6}),
+                                                                                            (None, None)]
 
 
 def test_the_vocoder_runner_calls_by_its_schedule():

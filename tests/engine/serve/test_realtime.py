@@ -252,3 +252,53 @@ def test_malformed_messages_get_error_events_and_the_connection_keeps_working(da
     assert alive["type"] == "session.updated"
     with Client(daemon.address, token=TOKEN) as c:  # and the daemon serves on
         assert c.ping() < 5
+
+
+def test_truncate_cuts_the_answer_to_what_was_heard(daemon):
+    """conversation.item.truncate at audio_end_ms: the next turn reads only the text the voice had reached there
+    (Read-3-Write-10: 600 ms = 15 units of 40 ms, written in the second chunk, after 6 text tokens) — the same
+    reply the ZMQ client gets after conversation.truncate(turn 0, 6 tokens). (The tiny model's babble does not
+    change with the cut; that the thinker reads the cut answer is tests/stages/test_llm.py's, and that the
+    engine names it tests/engine/runtime/test_engine.py's.)"""
+    question, interruption = wav("question.wav"), wav("interruption.wav")
+
+    async def turn(conn, pcm):
+        await append(conn, pcm)
+        await conn.input_audio_buffer.commit()
+        await conn.response.create()
+        events = []
+        done = await until(conn, "response.done", log=events)
+        return done, events
+
+    async def talk():
+        async with sdk(daemon) as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            await until(conn, "session.updated")
+            first, _ = await turn(conn, question)
+            item = first.response.output[0].id
+            await conn.conversation.item.truncate(item_id=item, content_index=0, audio_end_ms=600)
+            truncated = await until(conn, "conversation.item.truncated")
+            await conn.conversation.item.truncate(item_id="item_nope", content_index=0, audio_end_ms=0)
+            unknown = await until(conn, "error")
+            await conn.conversation.item.truncate(item_id=item, content_index=0, audio_end_ms=10**7)
+            too_far = await until(conn, "error")
+            second, events = await turn(conn, interruption)
+        return first, truncated, unknown, too_far, second, events
+
+    first, truncated, unknown, too_far, second, events = asyncio.run(talk())
+    assert first.response.usage.output_tokens >= 9  # the cut falls inside the text
+    assert int(first.response.metadata["omni2_audio_ms"]) == 40 * int(first.response.metadata["omni2_units"])
+    assert truncated.audio_end_ms == 600 and truncated.item_id == first.response.output[0].id
+    assert unknown.error.code == "item_truncate_invalid_item_id"
+    assert too_far.error.code == "invalid_value"
+    text, audio = reply_of(events)
+
+    with daemon.client() as c:
+        s = c.open()
+        s.reply(question, RATE)
+        assert s.truncate(0, 6) == 6
+        ref = s.reply(interruption, RATE)
+        s.close()
+    assert ref.text == text
+    assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)

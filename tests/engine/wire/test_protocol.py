@@ -40,6 +40,7 @@ def examples() -> list:
                       [True, False], 16000, 3.0),
         P.AsrToLlm(["s1"], [0], [_t(300, 64, dtype=torch.bfloat16)], [None], 4.0),
         P.AsrToLlm(["s1", "s2"], [0, 5], [_t(3, 8, dtype=torch.float16), _t(0, 8)], [12, None], 4.0),
+        P.AsrToLlm(["s1"], [3], [_t(2, 8)], [None], 4.0, [[0, 2]], [[2, 6]]),  # a history with a cut answer
         P.LlmToTts(["s1", "s2"], [0, 0], [151643, 9], _t(2, 64, dtype=torch.bfloat16), [False, True], 5.0),
         P.LlmToTts([], [], [], torch.zeros(0, 64), [], 5.0),
         P.LlmToEngine(["s1", "s2"], [0, 0], [1, 2], ["héllo ", "世界"], [None, "stop"], 6.0),
@@ -59,6 +60,7 @@ def examples() -> list:
         P.AudioAppend("s1", np.arange(-5, 5, dtype=np.int16), 16000),
         P.AudioAppend("s1", np.linspace(-1, 1, 480, dtype=np.float32), 44100),
         P.AudioCommit("s1"), P.ResponseCancel("s1"), P.SessionClose("s1"), P.Ping(-1), P.StatusRequest(7, ""),
+        P.ConversationTruncate("s1", 0, 6), P.ConversationTruncated("s1", 0, 6),
         P.SessionOpened("s1", 24000, "default", "streaming", "pcm16", "(3,10)", 30.0),
         P.AudioCommitted("s1", 0, 1.5),
         P.ResponseTextDelta("s1", 3, "¿qué? 🙂", 42, 9.0),
