@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install portaudio test lint serve bench clean
+.PHONY: install portaudio chromium test lint serve bench clean
 
 install:
 	@# Keep a torch that is already importable (GPU machines ship their own build); otherwise pin the
@@ -18,6 +18,7 @@ install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -e ".[test,bench,audio,realtime]"
 	@$(MAKE) --no-print-directory portaudio
+	@$(MAKE) --no-print-directory chromium
 	@$(PY) -c "import torch, omni2.engine; print('install: ok, torch', torch.__version__)"
 
 # `chat --mic` needs the PortAudio C library (sounddevice's Linux wheels do not bundle it; macOS/Windows ones do).
@@ -35,6 +36,22 @@ portaudio:
 	  $(PY) -c "$$PORTAUDIO_CHECK" 2>/dev/null && echo "portaudio: installed libportaudio2" || \
 	  echo "portaudio: missing; only 'omni2-engine chat --mic' needs it: sudo apt-get install libportaudio2" \
 	       "(Debian/Ubuntu), brew install portaudio (macOS), or your distribution's portaudio package"; \
+	fi
+
+# The browser demo's test (tests/engine/serve/test_realtime.py) drives a real headless Chromium through Playwright.
+# Playwright's own browser download needs its CDN; Debian's chromium works as well and comes from apt. Installed
+# here when apt-get can run without a password; otherwise the test says it was skipped and why. Never fails.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: ok (the browser demo is tested)"; \
+	else \
+	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+	    timeout 300 $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { timeout 120 $$SUDO apt-get update >/dev/null 2>&1; \
+	      timeout 300 $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; } || true; \
+	  fi; \
+	  command -v chromium >/dev/null 2>&1 && echo "chromium: installed" || \
+	  echo "chromium: missing; only the browser demo's test needs it: sudo apt-get install chromium"; \
 	fi
 
 test:

@@ -33,7 +33,9 @@ setup(
         # runtime triton is optional: without it every kernel falls back to its torch reference.
         "test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.4", "onnx>=1.14", "onnxruntime>=1.16",
                  "kaldi-native-fbank>=1.18", "triton>=3.0",
-                 "openai[realtime]>=2.0"],  # the Realtime endpoint's tests drive it with the official SDK
+                 # the Realtime endpoint's tests: the official SDK drives it, Playwright drives the demo page in
+                 # Debian's chromium (make install installs it where apt-get can run)
+                 "openai[realtime]>=2.0", "playwright>=1.40"],
         "voice": ["onnxruntime>=1.16", "kaldi-native-fbank>=1.18"],  # enrol a voice from a wav (campplus.onnx)
         "bench": ["matplotlib>=3.7"],
         "audio": ["sounddevice>=0.4"],

@@ -33,8 +33,8 @@ def daemon(tmp_path_factory):
     root = tmp_path_factory.mktemp("realtime")
     (root / "token").write_text(TOKEN)
     port = free_port()
-    d = Daemon(["--realtime", f"127.0.0.1:{port}", "--token-file", str(root / "token"), "--max-new-tokens", "12"],
-               root / "daemon.log", token=TOKEN)
+    d = Daemon(["--realtime", f"127.0.0.1:{port}", "--demo", "--token-file", str(root / "token"),
+                "--max-new-tokens", "12"], root / "daemon.log", token=TOKEN)
     d.realtime_port = port
     d.wait_ready()
     yield d
@@ -302,3 +302,50 @@ def test_truncate_cuts_the_answer_to_what_was_heard(daemon):
         s.close()
     assert ref.text == text
     assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)
+
+
+def chromium() -> str | None:
+    """Debian's chromium (`make install` installs it where it can), or $OMNI2_CHROMIUM."""
+    import os
+    import shutil
+
+    return os.environ.get("OMNI2_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_the_browser_demo_answers_the_microphone(daemon, tmp_path):
+    """The --demo page in a real headless Chromium whose fake microphone plays a spoken question: it connects,
+    server VAD ends the turn, the reply streams and plays (the page's own counters), and a screenshot is kept."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = chromium()
+    if exe is None:
+        pytest.skip("no chromium (make install installs Debian's chromium where apt-get can run)")
+    mic = tmp_path / "mic.wav"
+    silence = np.zeros(RATE, np.int16)
+    sf.write(mic, np.concatenate([silence, wav("question.wav"), silence, silence, silence]), RATE,
+             subtype="PCM_16")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=[
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}%noloop", "--autoplay-policy=no-user-gesture-required",
+            "--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{daemon.realtime_port}/")
+            page.fill("#token", TOKEN)
+            page.click("#start")
+            page.wait_for_function("omni2.turns.length > 0 && omni2.turns[0].status !== 'in_progress'",
+                                   timeout=120_000)
+            page.wait_for_function("omni2.samplesPlayed > 0", timeout=30_000)
+            state = page.evaluate("({connected: omni2.connected, deltas: omni2.deltas, played: omni2.samplesPlayed,"
+                                  " turns: omni2.turns.map(t => ({status: t.status, first: t.firstAudioMs})),"
+                                  " transcript: omni2.transcript, errors: omni2.errors})")
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            page.click("#stop")
+        finally:
+            browser.close()
+    assert state["connected"] and not state["errors"], state
+    assert state["turns"][0]["status"] in ("completed", "incomplete")
+    assert state["turns"][0]["first"] > 0  # ms from the VAD's end of speech to the first audio, as the page saw it
+    assert state["deltas"] > 0 and state["played"] > 0
+    assert state["transcript"]
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
