@@ -41,8 +41,14 @@ log = logging.getLogger("omni2.realtime")
 
 PATH = "/v1/realtime"
 BROWSER_KEY_PREFIX = "openai-insecure-api-key."  # how browsers pass a key: as a WebSocket subprotocol
-# Beta spellings of events, accepted from clients as their GA names.
-CLIENT_ALIASES = {"response.audio.delta": "response.output_audio.delta"}
+# A client that says `OpenAI-Beta: realtime=v1` (the SDKs' beta namespace) gets the beta names of these events;
+# the client events had the same names in both.
+BETA_NAMES = {
+    "response.output_audio.delta": "response.audio.delta", "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+    "response.output_text.delta": "response.text.delta", "response.output_text.done": "response.text.done",
+}
 MIN_RATE, MAX_RATE = 8000, 48000
 
 
@@ -173,6 +179,7 @@ class Connection:
     def __init__(self, server: RealtimeServer, ws: ServerConnection):
         self.server, self.ws, self.cfg = server, ws, server.cfg
         self.session_id = new_id("sess")
+        self.beta = "realtime=v1" in (ws.request.headers.get("OpenAI-Beta") or "")
         self.voice = "default"
         self.vad: VADSettings | None = VADSettings()
         self.text_only = False
@@ -238,6 +245,8 @@ class Connection:
     # -- sending -------------------------------------------------------------------------------------------------
     async def emit(self, event: dict) -> None:
         event = {"event_id": new_id("event"), **event}
+        if self.beta and event["type"] in BETA_NAMES:
+            event["type"] = BETA_NAMES[event["type"]]
         async with self.send_lock:
             try:
                 await self.ws.send(json.dumps(event))
@@ -252,12 +261,18 @@ class Connection:
     def describe(self) -> dict:
         """The session as the GA API describes it (what session.created / session.updated carry)."""
         detection = self.vad.to_json() if self.vad is not None else None
-        return {"type": "realtime", "object": "realtime.session", "id": self.session_id, "model": "omni2",
-                "output_modalities": ["text"] if self.text_only else ["audio"],
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_rate},
-                                    "turn_detection": detection},
-                          "output": {"format": {"type": "audio/pcm", "rate": self.out_rate}, "voice": self.voice}},
-                "instructions": "", "tools": [], "tool_choice": "none"}
+        modalities = ["text"] if self.text_only else ["audio"]
+        session = {"type": "realtime", "object": "realtime.session", "id": self.session_id, "model": "omni2",
+                   "output_modalities": modalities,
+                   "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.input_rate},
+                                       "turn_detection": detection},
+                             "output": {"format": {"type": "audio/pcm", "rate": self.out_rate},
+                                        "voice": self.voice}},
+                   "instructions": "", "tools": [], "tool_choice": "none"}
+        if self.beta:  # the beta session's flat fields
+            session.update(modalities=["text"] if self.text_only else ["audio", "text"], voice=self.voice,
+                           turn_detection=detection, input_audio_format="pcm16", output_audio_format="pcm16")
+        return session
 
     # -- receiving -----------------------------------------------------------------------------------------------
     async def on_message(self, message) -> None:
@@ -272,8 +287,7 @@ class Connection:
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise EventError("invalid_event", "an event is a JSON object with a string 'type'", "type")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-            kind = CLIENT_ALIASES.get(event["type"], event["type"])
-            handler = HANDLERS.get(kind)
+            handler = HANDLERS.get(event["type"])
             if handler is None:
                 raise EventError("unknown_event_type", f"unknown or unsupported event type {event['type']!r} "
                                  f"(supported: {', '.join(sorted(HANDLERS))})", "type")

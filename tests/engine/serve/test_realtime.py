@@ -120,20 +120,30 @@ def test_a_server_vad_turn_equals_the_engine_reply(daemon):
     assert np.array_equal(expected, audio)
 
 
+def beta_sdk(daemon):
+    """The SDK's beta namespace (`OpenAI-Beta: realtime=v1`): beta event names and session fields."""
+    client = openai.AsyncOpenAI(api_key=TOKEN, base_url=f"http://127.0.0.1:{daemon.realtime_port}/v1",
+                                websocket_base_url=f"ws://127.0.0.1:{daemon.realtime_port}/v1")
+    return client.beta.realtime.connect(model="omni2")
+
+
 def test_response_cancel_mid_reply_then_the_next_turn(daemon):
+    """Through the SDK's beta client, so the beta spellings are covered too: `turn_detection` at the top of the
+    session, `response.audio.delta` / `response.audio_transcript.delta` instead of the GA names."""
     question = wav("question.wav")
 
     async def talk():
-        async with sdk(daemon) as conn:
-            await until(conn, "session.created")
-            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        async with beta_sdk(daemon) as conn:
+            created = await until(conn, "session.created")
+            assert created.session.turn_detection.type == "server_vad"
+            await conn.session.update(session={"turn_detection": None})
             updated = await until(conn, "session.updated")
-            assert updated.session.audio.input.turn_detection is None
+            assert updated.session.turn_detection is None
             await append(conn, question)
             await conn.input_audio_buffer.commit()
             await until(conn, "input_audio_buffer.committed")
             await conn.response.create()
-            await until(conn, "response.output_audio.delta")
+            await until(conn, "response.audio.delta")
             await conn.response.cancel()
             cancelled = await until(conn, "response.done")
             # Nothing to cancel now: an error event, and the connection goes on.
