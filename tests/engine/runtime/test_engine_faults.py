@@ -26,6 +26,18 @@ def engine(tiny_ckpt, tiny_vocoder):
     eng.stop()
 
 
+AFTER = (np.random.default_rng(1).standard_normal(16000 * 2) * 0.1).astype(np.float32)  # the turn after a loss
+SESSIONS = {"bystander": session_options(seed=1, greedy=True), "victim": session_options(seed=2)}
+
+
+@pytest.fixture(scope="module")
+def after_a_loss(tiny_ckpt, tiny_vocoder):
+    """What each session's next turn must be after a worker loss: a fresh session's first turn (the lost turn is
+    not in the conversation), computed once by the single-process reference."""
+    ref = ReferencePipeline(tiny_ckpt, tiny_vocoder, limits=LIMITS)
+    return {sid: run_turn(ref, AFTER, 16000, opts) for sid, opts in SESSIONS.items()}
+
+
 def wait_ready(engine, stage, old_pid, timeout=60):
     deadline = time.monotonic() + timeout
     while True:
@@ -50,12 +62,11 @@ def segments(prefix: str) -> list[str]:
 
 @pytest.mark.parametrize("stage,sig,when", [("asr", signal.SIGSTOP, "submit"), ("llm", signal.SIGKILL, "submit"),
                                              ("tts", signal.SIGKILL, "units"), ("vocoder", signal.SIGKILL, "units")])
-def test_a_lost_worker_errors_its_turns_within_a_second_and_comes_back(engine, tiny_ckpt, tiny_vocoder, stage, sig,
-                                                                       when):
+def test_a_lost_worker_errors_its_turns_within_a_second_and_comes_back(engine, after_a_loss, stage, sig, when):
     """SIGKILL = dead; SIGSTOP = hung (alive, heartbeats stop). The signal lands while the stage holds the turn:
     right after the submit for ASR/LLM, once units flow for TTS/vocoder (a long ~1000-unit sampled reply)."""
-    engine.open("victim", session_options(seed=2))
-    engine.open("bystander", session_options(seed=1, greedy=True))
+    engine.open("victim", SESSIONS["victim"])
+    engine.open("bystander", SESSIONS["bystander"])
     try:
         pid = engine.status()["stages"][stage]["pid"]
         engine.submit("victim", AUDIO)
@@ -78,12 +89,9 @@ def test_a_lost_worker_errors_its_turns_within_a_second_and_comes_back(engine, t
         # a fresh session's. Its units are too where its TTS state is fresh (the TTS never saw the turn, or was the
         # worker restarted); after a vocoder loss the TTS has sampled part of the lost turn, which moved its
         # counter-based sampler on.
-        ref = ReferencePipeline(tiny_ckpt, tiny_vocoder, limits=LIMITS)
-        audio = (np.random.default_rng(1).standard_normal(16000 * 2) * 0.1).astype(np.float32)
-        for sid, opts in (("bystander", session_options(seed=1, greedy=True)), ("victim", session_options(seed=2))):
-            done = list(engine.turn(sid, audio, timeout=60))[-1]
+        for sid, expected in after_a_loss.items():
+            done = list(engine.turn(sid, AFTER, timeout=60))[-1]
             assert isinstance(done, TurnDone), done
-            expected = run_turn(ref, audio, 16000, opts)
             assert done.token_ids == expected.token_ids
             if sid == "bystander" or stage != "vocoder":
                 assert done.units == expected.units
