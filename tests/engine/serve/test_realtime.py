@@ -13,15 +13,15 @@ import random
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 import soundfile as sf
 import soxr
+import websockets
+from websockets.exceptions import InvalidStatus
 
 from omni2.engine.client import Client
 from tests.engine.serve.daemon_harness import Daemon, free_port
-
-openai = pytest.importorskip("openai")
-websockets = pytest.importorskip("websockets")
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 TOKEN = "realtime-test-token"
@@ -191,14 +191,14 @@ def test_barge_in_cancels_the_reply_and_the_next_turn_is_answered(daemon):
 def test_wrong_or_missing_token_is_refused_at_the_handshake(daemon):
     async def connect(headers):
         url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
-        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+        with pytest.raises(InvalidStatus) as e:
             async with websockets.connect(url, additional_headers=headers):
                 pass
         return e.value.response.status_code
 
     assert asyncio.run(connect({"Authorization": "Bearer nope"})) == 401
     assert asyncio.run(connect({})) == 401
-    with pytest.raises(websockets.exceptions.InvalidStatus):
+    with pytest.raises(InvalidStatus):
         asyncio.run(sdk(daemon, key="wrong").__aenter__())
 
 
@@ -325,7 +325,8 @@ def chromium() -> str | None:
 def test_the_browser_demo_answers_the_microphone(daemon, tmp_path):
     """The --demo page in a real headless Chromium whose fake microphone plays a spoken question: it connects,
     server VAD ends the turn, the reply streams and plays (the page's own counters), and a screenshot is kept."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api
+
     exe = chromium()
     if exe is None:
         pytest.skip("no chromium (make install installs Debian's chromium where apt-get can run)")
