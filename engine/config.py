@@ -562,7 +562,10 @@ class ServerConfig:
     probe_s: float = 2.0  # a client with sessions that sent nothing for this long is probed (a pong it ignores)
     reclaim_s: float = 10.0  # a client unreachable this long loses its sessions (a reconnect within it keeps them)
     idle_timeout_s: float = 900.0  # a session with no request and no reply for this long is closed
-    send_hwm: int = 100_000  # queued messages per client before it counts as unreachable (it is not reading)
+    # Events queued for one connection before it counts as not reading: its replies are cancelled then and its
+    # sessions reclaimed after reclaim_s. A reply is a few hundred events (audio deltas of ~19 KB), so this
+    # bounds what a stalled client can make the daemon hold at ~40 MB, plus the kernel's socket buffers.
+    send_hwm: int = 2_000
     # ZMQ CURVE: encryption with the server's key pair (a zmq certificate file holding the secret key); with
     # curve_clients (a directory of allowed clients' public certificates) also authentication.
     curve_secret_file: str | None = None

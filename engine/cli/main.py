@@ -192,6 +192,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                            "allowed in; others fail the handshake")
     p.add_argument("--reclaim-after", type=float, default=10.0,
                    help="seconds a vanished client's sessions are kept for a reconnect (default 10)")
+    p.add_argument("--send-hwm", type=int, default=2000, metavar="N",
+                   help="events queued for one connection before it counts as not reading: its replies are "
+                        "cancelled and its sessions reclaimed after --reclaim-after (default 2000, ~40 MB)")
     p.add_argument("--idle-timeout", type=float, default=900.0,
                    help="close a session that has seen nothing for this many seconds (default 900)")
     p.add_argument("--realtime", metavar="HOST:PORT",
@@ -233,7 +236,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
     Placement.parse(args.placement)
-    _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop",
+    _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop", "send_hwm",
                     "vocoder_left_chunks", "vocoder_batch")
     if args.vocoder_memory is not None and not args.vocoder_memory > 0:
         raise ConfigError(f"--vocoder-memory must be a positive number of GB, got {args.vocoder_memory}")
@@ -248,7 +251,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(bind=args.bind, token=_read_token(args.token_file),
                        max_sessions_per_client=args.max_sessions_per_client,
                        max_turn_seconds=limits.max_audio_seconds, max_new_tokens=limits.max_new_tokens,
-                       reclaim_s=args.reclaim_after, idle_timeout_s=args.idle_timeout,
+                       reclaim_s=args.reclaim_after, idle_timeout_s=args.idle_timeout, send_hwm=args.send_hwm,
                        curve_secret_file=args.curve_secret_file, curve_clients=args.curve_clients,
                        realtime=realtime)
     if (args.model_dir is None) != (args.vocoder_dir is None):

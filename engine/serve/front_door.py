@@ -57,7 +57,7 @@ class FrontDoor:
         self._wakeup = Wakeup()
         self._stopping = False
         self._started = time.monotonic()
-        self._counts = {"requests": 0, "errors": 0, "reclaimed": 0, "unauthorized": 0}
+        self._counts = {"requests": 0, "errors": 0, "reclaimed": 0, "unauthorized": 0, "dropped": 0}
         self._handlers = {P.SessionOpen: self._open, P.AudioAppend: self._append, P.AudioCommit: self._commit,
                           P.ResponseCancel: self._cancel, P.SessionClose: self._close_req, P.Ping: self._ping,
                           P.StatusRequest: self._status, P.ConversationTruncate: self._truncate}
@@ -153,8 +153,15 @@ class FrontDoor:
         if client is None:
             client = self.clients[identity] = ClientState(identity)
         client.last_seen = time.monotonic()
-        if client.unreachable_since is not None:  # it reconnected in time: tell it what it missed
-            client.unreachable_since = None
+        if client.unreachable_since is not None:
+            # A request proves that the client sends, not that it reads: one whose queue was full stays
+            # unreachable (its requests dropped unanswered, its sessions reclaimed on time) until its queue
+            # takes a message again.
+            if client.not_reading and not self._writable(client):
+                self._counts["dropped"] += 1
+                return
+            # It reconnected (or read its backlog) in time: tell it what it missed.
+            client.unreachable_since, client.not_reading = None, False
             for s in client.sessions.values():
                 if s.lost_turn >= 0:
                     self._error(client, s.name, "reply_lost", "the reply was cancelled while this client was "
@@ -357,7 +364,7 @@ class FrontDoor:
             why = "disconnected" if e.errno == zmq.EHOSTUNREACH else "not reading"
             log.warning("client %s %s: cancelling its replies, sessions reclaimed in %g s",
                         client.identity.hex()[:8], why, self.cfg.reclaim_s)
-            client.unreachable_since = time.monotonic()
+            client.unreachable_since, client.not_reading = time.monotonic(), e.errno == zmq.EAGAIN
             for s in client.sessions.values():
                 if s.turn >= 0:
                     self.engine.cancel(s.sid)
@@ -365,6 +372,18 @@ class FrontDoor:
                     s.lost_turn, s.turn = s.turn, -1
             if not client.sessions:
                 self.clients.pop(client.identity, None)
+            return False
+        client.last_sent = time.monotonic()
+        return True
+
+    def _writable(self, client: ClientState) -> bool:
+        """Whether a message to `client` would be queued now (a probe it ignores: pong with nonce -1)."""
+        try:
+            self.sock.send_multipart([client.identity, *P.encode(P.Pong(-1, time.time()))], zmq.NOBLOCK,
+                                     copy=False)
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
             return False
         client.last_sent = time.monotonic()
         return True
@@ -395,6 +414,10 @@ def router_socket(ctx: zmq.Context, cfg: ServerConfig) -> zmq.Socket:
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting under its routing id takes it over
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.max_frame_bytes)  # far bigger frames: drop the peer unread
     sock.setsockopt(zmq.SNDHWM, cfg.send_hwm)
+    # A fixed kernel send buffer per connection (autotuning grows it to 4 MB): what a client that stops reading
+    # can make us hold is send_hwm events plus this, and it fills soon enough for the client to be found out.
+    # 256 KB is 5 s of PCM16 audio, ample for any link our streams need.
+    sock.setsockopt(zmq.SNDBUF, 256 << 10)
     sock.setsockopt(zmq.RCVHWM, 10_000)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)  # ZMTP pings: a peer that went silent (cable, crash) is dropped
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)

@@ -73,6 +73,7 @@ class ClientState:
     last_seen: float = field(default_factory=time.monotonic)  # last request received
     last_sent: float = field(default_factory=time.monotonic)  # last successful send (or probe)
     unreachable_since: float | None = None
+    not_reading: bool = False  # unreachable because its queue was full (it sends, but does not read)
 
 
 def authorized(expected: str | None, token: str) -> bool:
