@@ -11,18 +11,14 @@ kernels fill it is bound by the device.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import bench_dtype, preset_dirs, timed
 from torch.profiler import ProfilerActivity, profile
 
 from omni2.engine.checkpoints.model_dir import ModelDir
-from omni2.engine.checkpoints.model_writer import write_checkpoint
-from omni2.engine.checkpoints.vocoder_writer import write_vocoder_checkpoint
 from omni2.engine.config import Limits, SamplingParams, TTSOptions, VocoderOptions
 from omni2.stages.tts import TTSInput, TTSStage
 from omni2.stages.vocoder import VocoderInput, VocoderStage
@@ -67,15 +63,7 @@ def vocoder_write(vocoder_dir: Path, device, dtype, sessions: int, left_chunks: 
 
 
 def report(name: str, step, device: torch.device, warmup: int, iters: int, rows: int) -> None:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    walls = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        walls.append((time.perf_counter() - t0) * 1e3)
+    wall = timed(step, device, warmup, iters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
@@ -84,7 +72,6 @@ def report(name: str, step, device: torch.device, warmup: int, iters: int, rows:
     device_ms = sum(e.self_device_time_total for e in events) / 1e3
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
-    wall = statistics.median(walls)
     print(f"\n== {name}: wall {wall:.1f} ms per step (median of {iters}); device kernels {device_ms:.1f} ms "
           f"({100 * device_ms / wall:.0f}% of wall), {len(kernels)} kernel launches, {ops} aten ops")
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
@@ -107,14 +94,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    root = Path(args.root) / args.preset
-    model_dir, vocoder_dir = root / f"omni2-{args.preset}", root / "cosy2_decoder"
-    if not (model_dir / "config.json").is_file():
-        print(f"writing the random {args.preset} model into {root} (once)", file=sys.stderr)
-        write_checkpoint(root, preset=args.preset)
-    if not (vocoder_dir / "cosyvoice.yaml").is_file():
-        write_vocoder_checkpoint(root, preset=args.preset)
+    dtype = bench_dtype(device, args.dtype)
+    model_dir, vocoder_dir = preset_dirs(args.root, args.preset)
     torch.set_grad_enabled(False)
     print(f"preset {args.preset}  device {device}  dtype {str(dtype).split('.')[-1]}  "
           f"torch threads {torch.get_num_threads()}")

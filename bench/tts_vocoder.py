@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import bench_dtype, preset_dirs
 
 from omni2.engine.checkpoints.model_dir import ModelDir
-from omni2.engine.checkpoints.model_writer import write_checkpoint
-from omni2.engine.checkpoints.vocoder_writer import write_vocoder_checkpoint
 from omni2.engine.config import Limits, SamplingParams, TTSOptions, VocoderOptions
 from omni2.stages.tts import TTSInput, TTSStage
 from omni2.stages.vocoder import VocoderInput, VocoderStage
@@ -117,15 +115,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    root = Path(args.root) / args.preset
-    model_dir, vocoder_dir = root / f"omni2-{args.preset}", root / "cosy2_decoder"
-    if not (model_dir / "config.json").is_file():
-        print(f"writing the random {args.preset} model into {root} (once)", file=sys.stderr)
-        write_checkpoint(root, preset=args.preset)
-    if not (vocoder_dir / "cosyvoice.yaml").is_file():
-        print(f"writing the random {args.preset} cosy2_decoder into {root} (once)", file=sys.stderr)
-        write_vocoder_checkpoint(root, preset=args.preset)
+    dtype = bench_dtype(device, args.dtype)
+    model_dir, vocoder_dir = preset_dirs(args.root, args.preset)
     md = ModelDir(model_dir)
     torch.set_grad_enabled(False)
     if args.sessions:
