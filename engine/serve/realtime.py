@@ -401,11 +401,7 @@ class Connection:
                 if self.response is not None:  # barge-in: the user talks over the reply
                     await self.response.cancel("turn_detected")
             else:
-                await self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": ev.ms,
-                                 "item_id": self.pending_item})
-                await self.commit_span(self.speech_start_ms, ev.ms, self.pending_item)
-                self.speech_start_ms = None
-                await self.answer()
+                await self.speech_stopped(ev.ms)
         # Not speaking: keep only the prefix padding a coming turn may need, so silence never fills the buffer.
         if self.speech_start_ms is None:
             keep = int((self.vad.prefix_padding_ms + 100) * self.input_rate / 1000)
@@ -413,12 +409,16 @@ class Connection:
         elif self.buffered > int(self.server.max_turn_seconds * self.input_rate) - self.input_rate // 10:
             # A turn as long as the engine takes: commit it now rather than lose any of it.
             end_ms = (self.buffer_start + self.buffered) * 1000 // self.input_rate
-            await self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms,
-                             "item_id": self.pending_item})
-            await self.commit_span(self.speech_start_ms, end_ms, self.pending_item)
-            self.speech_start_ms = None
             self.detector.speaking = False
-            await self.answer()
+            await self.speech_stopped(end_ms)
+
+    async def speech_stopped(self, end_ms: int) -> None:
+        """The turn that speech_started opened ends at end_ms: announce it, commit its span, answer it."""
+        await self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms,
+                         "item_id": self.pending_item})
+        await self.commit_span(self.speech_start_ms, end_ms, self.pending_item)
+        self.speech_start_ms = None
+        await self.answer()
 
     def drop_before(self, sample: int) -> None:
         """Forget buffered audio before input-stream position `sample`."""
