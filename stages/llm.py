@@ -66,11 +66,12 @@ class _Session:
     uids: list[int] = field(default_factory=list)
     next_uid: int = 0
     answers: list[list[int]] = field(default_factory=list)  # answer ids of finished turns (answers[i]: uids[i])
+    counters: list[int] = field(default_factory=list)  # the sampler's counter when answers[i] was finished
     cached: list = field(default_factory=list)  # items whose K/V sit at positions 0.. of the slot
     pending: list | None = None  # items still to prefill for the current turn
     generated: list[int] = field(default_factory=list)
     max_new: int = 0
-    counter: int = 0  # sampling step counter across the session's life
+    counter: int = 0  # sampling step counter, carried from the conversation's last turn
     detok: _Detokenizer | None = None
 
 
@@ -131,6 +132,32 @@ class LLMStage:
             s.uids.pop()
         s.pending, s.detok, s.generated = None, None, []
 
+    def restore(self, session_id: str, uids: list[int], speech: list[torch.Tensor], answers: list[list[int]],
+                counters: list[int]) -> None:
+        """Give a session the conversation another LLMStage held (what `finished_turn` gave of each turn), e.g. when
+        a restarted worker takes over: the next turn answers as that stage would have. The K/V cache is rebuilt by
+        the next turn's prefill."""
+        s = self._get(session_id)
+        if s.pending is not None or s.detok is not None:
+            raise LLMError(f"session {session_id!r} is answering a turn; a conversation cannot be restored under it")
+        if not len(uids) == len(speech) == len(answers) == len(counters) or list(uids) != sorted(set(uids)):
+            raise LLMError("a restored conversation needs one speech, answer and counter per turn, turns in order")
+        H = self.lm.cfg.hidden_size
+        if any(x.ndim != 2 or x.shape[1] != H for x in speech):
+            raise LLMError(f"restored speech embeddings must be (n, {H})")
+        s.speech, s.uids = [x.to(self.device, self.dtype) for x in speech], list(uids)
+        s.answers, s.counters = [list(a) for a in answers], list(counters)
+        s.next_uid = max(s.next_uid, uids[-1] + 1) if uids else s.next_uid
+        s.counter = counters[-1] if counters else 0
+        s.cached = []
+
+    def finished_turn(self, session_id: str) -> tuple[int, torch.Tensor, list[int], int]:
+        """The last finished turn as the conversation holds it: (uid, speech (n, H), answer ids, counter)."""
+        s = self._get(session_id)
+        if not s.answers or s.pending is not None or s.detok is not None:
+            raise LLMError(f"session {session_id!r} has no finished turn to give")
+        return s.uids[-1], s.speech[-1], s.answers[-1], s.counters[-1]
+
     def busy(self) -> bool:
         return any(s.pending is not None or s.detok is not None for s in self.sessions.values())
 
@@ -166,15 +193,21 @@ class LLMStage:
         if uid < s.next_uid:
             raise LLMError(f"turn id {uid} of session {turn.session_id!r} is not new (next is {s.next_uid})")
         wanted = set(s.uids if turn.history is None else turn.history)
+        if not wanted <= set(s.uids):
+            raise LLMError(f"the conversation of session {turn.session_id!r} names turns {sorted(wanted - set(s.uids))} "
+                           "this stage does not hold (a restarted worker that was not given the conversation)")
         kept = [i for i, u in enumerate(s.uids) if u in wanted]
         speech, uids, answers = [s.speech[i] for i in kept], [s.uids[i] for i in kept], [s.answers[i] for i in kept]
+        counters = [s.counters[i] for i in kept]
         cuts = turn.cuts or {}
         texts = [self.tok.decode(a[:cuts.get(u, len(a))], skip_special_tokens=True) for u, a in zip(uids, answers)]
         items = self._prompt_items([x.shape[0] for x in speech] + [turn.speech.shape[0]], uids + [uid], texts)
         if len(items) >= self.limits.max_context:
             raise LLMError(f"prompt of {len(items)} positions does not fit the context limit "
                            f"{self.limits.max_context} (close the session or raise --max-context)")
-        s.speech, s.answers = speech + [turn.speech.to(self.device, self.dtype)], answers
+        s.speech, s.answers, s.counters = speech + [turn.speech.to(self.device, self.dtype)], answers, counters
+        # A turn left out never happened, for the sampler too: the next draws follow the last turn kept.
+        s.counter = counters[-1] if counters else 0
         s.uids, s.next_uid = uids + [uid], uid + 1
         keep = 0
         while keep < min(len(items), len(s.cached)) and _same(items[keep], s.cached[keep]):
@@ -244,6 +277,7 @@ class LLMStage:
             out.append(LLMToken(sid, tok, last[b], text, reason is not None, reason))
             if reason is not None:
                 s.answers.append([t for t in s.generated if t not in self.eos_ids])
+                s.counters.append(s.counter)
                 s.generated, s.detok = [], None
         return out
 

@@ -141,6 +141,14 @@ class TTSStage:
         s = self._get(session_id)
         self.sessions[session_id] = _Session(s.slot, s.sampling, counter=s.counter)
 
+    def counter(self, session_id: str) -> int:
+        """The session's sampler step counter: with the seed, all a later reply's draws depend on."""
+        return self._get(session_id).counter
+
+    def restore(self, session_id: str, counter: int) -> None:
+        """Carry a session on from another TTSStage's `counter` (a restarted worker taking over)."""
+        self._get(session_id).counter = counter
+
     def busy(self) -> bool:
         return any(s.budget > 0 or s.text_ids for s in self.sessions.values())
 

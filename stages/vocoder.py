@@ -151,6 +151,13 @@ class VocoderStage:
         if s is not None:
             self.sessions[session_id] = _Session(s.spk, s.generator, s.schedule)
 
+    def rng_state(self, session_id: str) -> torch.Tensor:
+        """The state of the session's random generator: with it, `restore` carries the session on elsewhere."""
+        return self.sessions[session_id].generator.get_state()
+
+    def restore(self, session_id: str, rng: torch.Tensor) -> None:
+        self.sessions[session_id].generator.set_state(rng)
+
     def synthesize(self, units: list[int], voice: str = "default", seed: int = 0) -> np.ndarray:
         """Whole-utterance token2wav through the same streaming schedule (a one-off session)."""
         if not units:

@@ -15,7 +15,10 @@ stale data of the old session ever meeting the new one; turns are numbered per s
 carries its turn, so whatever is still in flight from a cancelled or failed turn is dropped wherever it lands.
 A lost worker's turns (the ones it still held: Turn.held_by) end with an ErrorEvent and are cancelled in every
 stage; the producer that fed it frees the slots it held; a replacement is spawned and, once ready, re-opened for
-every session. Sessions it did not hold carry on.
+every session. Sessions it did not hold carry on. Each worker tells the engine, as a turn ends in its stage, what a
+successor would need to go on with the session (SessionState: the thinker's turn as its conversation holds it,
+sampler counters, the vocoder's generator); the engine keeps those of the conversation's turns and gives them to
+the replacement (RestoreSession), so a session's next turn answers as if no worker had been lost.
 """
 from __future__ import annotations
 
@@ -59,8 +62,10 @@ from omni2.engine.wire.protocol import (
     Event,
     Heartbeat,
     LlmToEngine,
+    RestoreSession,
     RingReset,
     SessionAck,
+    SessionState,
     Shutdown,
     StageError,
     TtsToEngine,
@@ -98,6 +103,9 @@ class _Session:
     history: list[int] = field(default_factory=list)  # turns that finished: the conversation the thinker reads
     answer_tokens: dict[int, int] = field(default_factory=dict)  # text tokens of each finished turn's answer
     cuts: dict[int, int] = field(default_factory=dict)  # turn -> answer tokens the thinker reads (truncate())
+    # stage -> turn -> what that stage's worker said at the end of the turn; only the conversation's turns (the
+    # llm: all of them, bounded by the context limit; the others: the last) and the turn in flight are kept.
+    states: dict[str, dict[int, SessionState]] = field(default_factory=dict)
 
 
 @dataclass
@@ -508,6 +516,12 @@ class Engine:
                     ack.left.discard(msg.stage)
                     if not ack.left:
                         ack.done.set()
+        elif isinstance(msg, SessionState):
+            with self._lock:
+                s = self._by_key.get(msg.session_id)
+                if s is not None:
+                    s.states.setdefault(msg.stage, {})[msg.turn] = msg
+                    _keep_states(s)
         elif isinstance(msg, StageError):
             self._errors += 1
             if not msg.session_ids:
@@ -554,6 +568,7 @@ class Engine:
                 s.history.append(t.number)  # only a finished turn: a cancelled or failed one never enters it
                 done = t.finish(uid)
                 s.answer_tokens[t.number] = len(done.token_ids)
+                _keep_states(s)
                 self._emit(s, done)
 
     def _emit(self, s: _Session, ev: Event) -> None:
@@ -603,6 +618,9 @@ class Engine:
         with self._lock:
             for s in self._by_key.values():
                 self._send(stage, protocol.encode(to_wire(s.key, s.options)))
+                restore = _restore_message(s, stage)
+                if restore is not None:
+                    self._send(stage, protocol.encode(restore))
                 last = (s.turn.number if s.turn is not None else s.next_turn) - 1
                 if last >= 0:
                     self._send(stage, protocol.encode(CancelSession(s.key, last)))
@@ -641,6 +659,34 @@ def session_flow_bytes(cfg: EngineConfig, model: ModelConfig, flow: FlowConfig) 
     units = -(-cfg.limits.max_new_tokens // stream.read) * stream.write + FINAL_MAX_UNITS
     opts = cfg.vocoder_options
     return state_bytes_bound(flow, units, opts.left_chunks, opts.mode == "recompute", DTYPE_BYTES[cfg.dtype])
+
+
+def _keep_states(s: _Session) -> None:
+    """Forget the SessionStates no successor will need: those of turns that left the conversation (cancelled,
+    failed) and, but for the thinker's, those of turns before its last."""
+    history, last = set(s.history), (s.history[-1] if s.history else -1)
+    current = s.turn.number if s.turn is not None else s.next_turn
+    for stage, by_turn in s.states.items():
+        for turn in [t for t in by_turn if t < current and t not in history or stage != "llm" and t < last]:
+            del by_turn[turn]
+
+
+def _restore_message(s: _Session, stage: str) -> RestoreSession | None:
+    """What a restarted `stage` needs to go on with session `s` after its conversation's last turn."""
+    kept = s.states.get(stage, {})
+    if stage == "llm":
+        turns = [t for t in s.history if t in kept]
+        if len(turns) < len(s.history):
+            log.warning("session %s: the thinker's state of turns %s never arrived; its next turn will be refused",
+                        s.user_id, sorted(set(s.history) - set(turns)))
+    else:
+        turns = [s.history[-1]] if s.history and s.history[-1] in kept else []
+    if not turns:
+        return None
+    states = [kept[t] for t in turns]
+    return RestoreSession(s.key, turns, [x.counter for x in states], states[-1].rng,
+                          [x.speech for x in states] if stage == "llm" else [],
+                          [x.answer for x in states] if stage == "llm" else [])
 
 
 def _drop_cancel_marks(q: queue.Queue) -> None:

@@ -5,7 +5,9 @@ A runner keeps, per session, the turn it is working on. Data of a turn that was 
 that is gone) is dropped on arrival, and the first data of a newer turn ends whatever the session was still
 doing — so a CancelSession overtaken by data, or data overtaken by a CancelSession, both come out right.
 Failures that concern one session are collected in `failures` (the worker reports them as StageError); an
-exception out of `step` concerns every session in `active()`.
+exception out of `step` concerns every session in `active()`. When a turn ends in a stage, what a replacement
+worker would need to go on with the session is collected in `states` (the worker sends them to the engine, which
+gives them back to the replacement as a RestoreSession).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from omni2.engine.wire.protocol import (
     LlmToEngine,
     LlmToTts,
     OpenSession,
+    RestoreSession,
+    SessionState,
     TtsToEngine,
     TtsToVocoder,
     VocoderToEngine,
@@ -45,6 +49,15 @@ def from_wire(m: OpenSession) -> SessionOptions:
     return SessionOptions(m.voice, m.seed, SamplingParams(m.temperature, m.top_k, m.top_p),
                           SamplingParams(m.tts_temperature, m.tts_top_k, m.tts_top_p), m.max_new_tokens,
                           m.vocoder_schedule or None)
+
+
+_EMPTY = torch.empty(0)
+
+
+def _state(stage: str, session_id: str, turn: int, counter: int = 0, rng: torch.Tensor = _EMPTY,
+           speech: torch.Tensor = _EMPTY, answer: list[int] = ()) -> SessionState:
+    # .cpu() blocks: a control message is sent without waiting on the stage's stream, unlike the rings' rows.
+    return SessionState(stage, session_id, turn, counter, rng.detach().cpu(), speech.detach().cpu(), list(answer))
 
 
 def _host(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +84,7 @@ class Runner:
         self.turn: dict[str, int] = {}  # the turn each session is on (-1 = none yet)
         self.dropped: dict[str, int] = {}  # highest cancelled turn per session
         self.failures: list[Failure] = []
+        self.states: list[SessionState] = []
 
     # -- lifecycle (called by the worker between steps) ----------------------------------------------------
     def open(self, m: OpenSession) -> None:
@@ -92,6 +106,10 @@ class Runner:
         if self.turn[session_id] <= turn:
             self._cancel(session_id)
 
+    def restore(self, m: RestoreSession) -> None:
+        if m.session_id in self.options:
+            self._restore(m)
+
     def accept(self, session_id: str, turn: int) -> bool:
         """Should data of (session, turn) be used? Starts the turn if it is new."""
         if session_id not in self.options or turn <= self.dropped[session_id]:
@@ -110,6 +128,7 @@ class Runner:
     def _open(self, session_id: str, options: SessionOptions) -> None: ...
     def _close(self, session_id: str) -> None: ...
     def _cancel(self, session_id: str) -> None: ...
+    def _restore(self, m: RestoreSession) -> None: ...
     def feed(self, msg: object) -> None: raise NotImplementedError
     def ready(self) -> bool: raise NotImplementedError
     def step(self) -> list[tuple[str, object]]: raise NotImplementedError
@@ -192,6 +211,9 @@ class LlmRunner(Runner):
     def _close(self, sid):
         self.llm.close(sid)
 
+    def _restore(self, m):
+        self.llm.restore(m.session_id, m.turns, m.speech, m.answers, m.counters)
+
     def _cancel(self, sid):
         self.llm.cancel(sid)
         self.asr_t.pop(sid, None)
@@ -228,6 +250,10 @@ class LlmRunner(Runner):
         ids = [t.token_id for t in toks]
         hidden = _host(torch.stack([t.hidden for t in toks]))
         finished = [t.finished for t in toks]
+        for t, turn in zip(toks, turns):
+            if t.finished:
+                _, speech, answer, counter = self.llm.finished_turn(t.session_id)
+                self.states.append(_state(self.stage, t.session_id, turn, counter, speech=speech, answer=answer))
         # Text first: a client sees the words no later than the units made from them.
         return [("llm_out", LlmToEngine(sids, turns, ids, [t.text for t in toks], [t.finish_reason for t in toks],
                                         now, asr_t)),
@@ -254,6 +280,10 @@ class TtsRunner(Runner):
     def _cancel(self, sid):
         self.tts.cancel(sid)
         self._drop(sid)
+
+    def _restore(self, m):
+        if m.counters:
+            self.tts.restore(m.session_id, m.counters[-1])
 
     def _drop(self, sid):
         self.pieces.pop(sid, None)
@@ -282,6 +312,9 @@ class TtsRunner(Runner):
                 units.append(piece[0])
                 finals.append(t.done)  # never set before the write's end
                 ends.append(piece[1])
+            if t.done:
+                self.states.append(_state(self.stage, t.session_id, self.turn[t.session_id],
+                                          self.tts.counter(t.session_id)))
         if not done_sids:
             return []
         now, turns = time.perf_counter(), [self.turn[s] for s in done_sids]
@@ -323,6 +356,10 @@ class VocoderRunner(Runner):
     def _cancel(self, sid):
         self.vocoder.cancel(sid)
         self.pending.pop(sid, None)
+
+    def _restore(self, m):
+        if m.rng.numel():
+            self.vocoder.restore(m.session_id, m.rng)
 
     def feed(self, msg: TtsToVocoder) -> None:
         for i, (sid, turn, units, final) in enumerate(zip(msg.session_ids, msg.turns, msg.units, msg.finals)):
@@ -366,6 +403,9 @@ class VocoderRunner(Runner):
         outs = self.vocoder.step(inputs)
         sids, pcm, finals = [], [], []
         for o in outs:
+            if o.final:
+                self.states.append(_state(self.stage, o.session_id, self.turn[o.session_id],
+                                          rng=self.vocoder.rng_state(o.session_id)))
             if not (o.pcm.size or o.final):
                 continue
             # A long final flush becomes several rows, so that every row fits a ring slot on its own.

@@ -41,6 +41,7 @@ from omni2.engine.wire.protocol import (
     Heartbeat,
     LlmToTts,
     OpenSession,
+    RestoreSession,
     RingReset,
     SessionAck,
     Shutdown,
@@ -176,10 +177,10 @@ class Worker:
                 self._apply(item)
             if runner.ready():
                 self._step()
-            self._report_failures()
+            self._report()
             self.active = len(runner.active())
 
-    def _apply(self, item: Arrived | OpenSession | CloseSession | CancelSession) -> None:
+    def _apply(self, item: Arrived | OpenSession | CloseSession | CancelSession | RestoreSession) -> None:
         runner, msg = self.runner, item
         if isinstance(item, Arrived):
             msg = item.msg
@@ -204,6 +205,11 @@ class Worker:
             runner.close(msg.session_id)
         elif isinstance(msg, CancelSession):
             runner.cancel(msg.session_id, msg.turn)
+        elif isinstance(msg, RestoreSession):
+            try:
+                runner.restore(msg)
+            except Exception as e:  # the session's next turn is refused by the stage, with a reason
+                log.warning("could not restore session %s: %s", msg.session_id, e)
 
     def _step(self) -> None:
         active = self.runner.active()
@@ -227,11 +233,14 @@ class Worker:
         for edge, msg in outs:
             self.sendq.put((edge, msg, event))
 
-    def _report_failures(self) -> None:
+    def _report(self) -> None:
         for f in self.runner.failures:
             self._control(StageError(self.stage, [f.session_id], f.code, f.message, False, time.perf_counter(),
                                      [f.turn]))
         self.runner.failures.clear()
+        for st in self.runner.states:
+            self._control(st)
+        self.runner.states.clear()
 
     def _control(self, msg) -> None:
         self.outbox.put(msg)
@@ -300,7 +309,7 @@ class Worker:
         if isinstance(msg, RingReset):
             if msg.edge in self.reclaim:
                 self.reclaim[msg.edge].set()
-        elif isinstance(msg, (Shutdown, OpenSession, CloseSession, CancelSession)):
+        elif isinstance(msg, (Shutdown, OpenSession, CloseSession, CancelSession, RestoreSession)):
             self.inbox.put(msg)
         else:
             self._bad(f"unexpected control message {type(msg).__name__}")

@@ -106,6 +106,22 @@ class RingReset:
 
 
 @dataclass(slots=True)
+class SessionState:
+    """worker -> engine, when a turn of a session ends in that stage: what a replacement worker needs to go on with
+    the session exactly as this one would have (RestoreSession). counter: the sampler's step counter after the turn
+    (llm, tts); rng: the state of the session's random generator (vocoder); speech and answer: the turn as the
+    thinker's conversation holds it (llm). Fields a stage has no use for are empty."""
+
+    stage: str
+    session_id: str
+    turn: int
+    counter: int
+    rng: torch.Tensor
+    speech: torch.Tensor
+    answer: list[int]
+
+
+@dataclass(slots=True)
 class SlotCredit:
     """ring consumer -> producer: slot `slot` of segment generation `gen` is free again."""
 
@@ -157,6 +173,21 @@ class CancelSession:
 
     session_id: str
     turn: int
+
+
+@dataclass(slots=True)
+class RestoreSession:
+    """engine -> a restarted worker, right after the session's OpenSession: the session as the worker it replaces
+    left it after the last turn of the conversation, from that worker's SessionStates. turns/counters: one per
+    turn of the conversation, oldest first (llm; the other stages get the last turn only); speech/answers: the
+    llm's, parallel to turns; rng: the vocoder's."""
+
+    session_id: str
+    turns: list[int]
+    counters: list[int]
+    rng: torch.Tensor
+    speech: list[torch.Tensor]
+    answers: list[list[int]]
 
 
 # -------------------------------------------------------------- data plane: one message per step, parallel lists
@@ -322,8 +353,8 @@ Event = TextDelta | UnitChunk | AudioDelta | TurnDone | ErrorEvent
 # One byte each, never reused: 0x0_ control, 0x1_ session lifecycle, 0x2_ data plane, 0x4_ user events.
 ENGINE_KINDS: dict[type, int] = {
     WorkerReady: 0x01, Heartbeat: 0x02, Shutdown: 0x03, StageError: 0x04, SlotCredit: 0x05, SessionAck: 0x06,
-    RingReset: 0x07,
-    OpenSession: 0x10, CloseSession: 0x11, CancelSession: 0x12,
+    RingReset: 0x07, SessionState: 0x08,
+    OpenSession: 0x10, CloseSession: 0x11, CancelSession: 0x12, RestoreSession: 0x13,
     EngineToAsr: 0x20, AsrToLlm: 0x21, LlmToTts: 0x22, LlmToEngine: 0x23, TtsToVocoder: 0x24, TtsToEngine: 0x25,
     VocoderToEngine: 0x26,
     TextDelta: 0x40, UnitChunk: 0x41, AudioDelta: 0x42, TurnDone: 0x43, ErrorEvent: 0x44,

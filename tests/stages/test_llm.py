@@ -242,3 +242,58 @@ def turn(stage, t: LLMTurn) -> list:
     while stage.busy():
         toks += [x for x in stage.step() if x.session_id == t.session_id]
     return toks
+
+
+SAMPLED = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=11)
+
+
+def test_a_restored_conversation_answers_as_the_stage_it_came_from(md, oracle):
+    """What a restarted worker is given (`finished_turn` of each turn, from the stage it replaces) makes it answer
+    the next turn as that stage would: the same sampled ids, hidden states within rounding of the incremental cache
+    (the restored stage prefills the whole conversation at once, as the official algorithm does)."""
+    limits = Limits(max_sessions=1, max_context=2048, max_new_tokens=8)
+    H = md.config.thinker.hidden_size
+    e0, e1, e2 = speech(300, H, 12), speech(300, H, 13), speech(300, H, 14)
+    old = LLMStage.from_checkpoint(md, limits)
+    old.open("r", SAMPLED)
+    given = []
+    for uid, e in enumerate((e0, e1)):
+        turn(old, LLMTurn("r", e, uid=uid, history=list(range(uid))))
+        given.append(old.finished_turn("r"))
+    assert [g[0] for g in given] == [0, 1] and given[1][3] > given[0][3] > 0
+    want = turn(old, LLMTurn("r", e2, uid=2, history=[0, 1]))
+
+    new = LLMStage.from_checkpoint(md, limits)
+    new.open("r", SAMPLED)
+    with pytest.raises(LLMError, match=r"does not hold"):  # without the conversation: refused, never forgotten
+        new.step([LLMTurn("r", e2, uid=2, history=[0, 1])])
+    uids, sp, answers, counters = (list(x) for x in zip(*given))
+    new.restore("r", uids, sp, answers, counters)
+    got = turn(new, LLMTurn("r", e2, uid=2, history=[0, 1]))
+    assert [t.token_id for t in got] == [t.token_id for t in want]
+    assert (torch.stack([t.hidden for t in got]) - torch.stack([t.hidden for t in want])).abs().max().item() < 1e-4
+
+    unsampled = LLMStage.from_checkpoint(md, limits)  # the counters matter: restored at 0, the draws differ
+    unsampled.open("r", SAMPLED)
+    unsampled.restore("r", uids, sp, answers, [0, 0])
+    assert [t.token_id for t in turn(unsampled, LLMTurn("r", e2, uid=2, history=[0, 1]))] != [t.token_id for t in want]
+    with pytest.raises(LLMError, match="one speech, answer and counter per turn"):
+        new.restore("r", [1, 0], sp, answers, counters)
+
+
+def test_a_left_out_turn_does_not_move_the_sampler_on(md):
+    """A turn left out of the history never happened for the sampler either: the next reply's draws are those of
+    a conversation that never had it."""
+    limits = Limits(max_sessions=1, max_context=2048, max_new_tokens=8)
+    H = md.config.thinker.hidden_size
+    e0, e1, e2 = speech(300, H, 15), speech(300, H, 16), speech(300, H, 17)
+    a = LLMStage.from_checkpoint(md, limits)
+    a.open("x", SAMPLED)
+    turn(a, LLMTurn("x", e0, uid=0, history=[]))
+    turn(a, LLMTurn("x", e1, uid=1, history=[0]))  # finished, then left out
+    got = turn(a, LLMTurn("x", e2, uid=2, history=[0]))
+    b = LLMStage.from_checkpoint(md, limits)
+    b.open("x", SAMPLED)
+    turn(b, LLMTurn("x", e0, uid=0, history=[]))
+    want = turn(b, LLMTurn("x", e2, uid=2, history=[0]))
+    assert [t.token_id for t in got] == [t.token_id for t in want]

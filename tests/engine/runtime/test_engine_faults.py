@@ -100,6 +100,49 @@ def test_a_lost_worker_errors_its_turns_within_a_second_and_comes_back(engine, a
         engine.close("bystander")
 
 
+def events_reply(events):
+    """(token_ids, units, pcm) of one turn's events."""
+    done = events[-1]
+    assert isinstance(done, TurnDone), done
+    pcm = [e.pcm for e in events if isinstance(e, AudioDelta)]
+    return done.token_ids, done.units, np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+
+
+@pytest.fixture(scope="module")
+def conversation(tiny_ckpt, tiny_vocoder):
+    """Two turns of one session by the single-process reference: what a conversation interrupted by a worker
+    restart between its turns must still be. Sampled TTS and vocoder noise: their state carries across turns."""
+    ref = ReferencePipeline(tiny_ckpt, tiny_vocoder, limits=LIMITS)
+    ref.open("c", session_options(seed=5))
+    try:
+        return [events_reply(list(ref.turn("c", q, 16000))) for q in (AUDIO, AFTER)]
+    finally:
+        ref.close("c")
+
+
+def test_a_conversation_survives_worker_restarts_between_turns(engine, conversation):
+    """Each restarted worker is given what its predecessor held of the session (the thinker's conversation, the
+    sampler counters, the vocoder's generator): the next turn equals the uninterrupted conversation's — ids, units
+    and audio, bit for bit. (Without it the thinker refuses the turn, the TTS draws other units, the vocoder other
+    noise: each fails this test on its own — checked.)"""
+    engine.open("talker", session_options(seed=5))
+    try:
+        first = events_reply(list(engine.turn("talker", AUDIO, timeout=60)))
+        assert first[0] == conversation[0][0] and first[1] == conversation[0][1]
+        assert np.array_equal(first[2], conversation[0][2])
+        pids = {s: engine.status()["stages"][s]["pid"] for s in ("llm", "tts", "vocoder")}
+        for pid in pids.values():
+            os.kill(pid, signal.SIGKILL)
+        for stage, pid in pids.items():
+            wait_ready(engine, stage, pid)
+        ids, units, pcm = events_reply(list(engine.turn("talker", AFTER, timeout=60)))
+        want_ids, want_units, want_pcm = conversation[1]
+        assert ids == want_ids and units == want_units
+        assert np.array_equal(pcm, want_pcm)
+    finally:
+        engine.close("talker")
+
+
 def test_shutdown_leaves_no_process_and_no_shared_memory(tiny_ckpt, tiny_vocoder):
     eng = Engine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), limits=LIMITS, threads=1)).start()
     pids = [w["pid"] for w in eng.status()["stages"].values()]
