@@ -7,13 +7,14 @@ the daemon's processes are sampled; does anything creep?
 Each client thread opens a session and speaks turn after turn (synthetic speech of random length), and each turn
 is, at random: heard to the end; cancelled at its first audio; barged in on (cancelled and the next turn sent at
 once); abandoned (the connection closed mid-reply without session.close: the daemon reclaims it); or preceded by a
-malformed frame (an `error` reply, nothing else). Every `--kill-every` seconds a random stage worker is SIGKILLed
+malformed frame (an `error` reply, nothing else). A conversation that fills the context limit is closed and a
+new one opened, as a user would. Every `--kill-every` seconds a random stage worker is SIGKILLed
 (the supervisor restarts it; turns in flight end with `worker_crashed`). Every `--sample-every` seconds the daemon
 and each worker are sampled: RSS, open fds, threads, and /dev/shm (this daemon's segments, count and bytes).
 
 Out: soak.json (settings, samples, counts), soak.png (resources over time), and one summary line: turns
 answered, errors by code, restarts, and each resource's growth after warm-up (the first --warmup fraction),
-compared between the first and the last minute after it (mean of the samples in each).
+compared between the first and the last minute after it (mean of the samples in each; thirds of a short run).
 """
 from __future__ import annotations
 
@@ -62,14 +63,18 @@ class Soak:
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
         self.errors: Counter = Counter()
+        self.messages: dict[str, list[str]] = {}  # up to 3 distinct messages per error code, to tell causes apart
         self.samples: list[dict] = []
         self.kills: list[dict] = []
         self.restarts: dict[str, int] = {}
         self.t0 = time.monotonic()
 
-    def count(self, key: str, errors: bool = False) -> None:
+    def count(self, key: str, errors: bool = False, message: str = "") -> None:
         with self.lock:
             (self.errors if errors else self.counts)[key] += 1
+            seen = self.messages.setdefault(key, []) if errors else []
+            if message and message not in seen and len(seen) < 3:
+                seen.append(message)
 
     # -- clients -------------------------------------------------------------------------------------------------
     def client(self, k: int) -> None:
@@ -88,13 +93,16 @@ class Soak:
                             s.send(audio, 16000)
                             self.count("abandoned")
                             break  # the with-block closes the socket mid-reply; the daemon reclaims the session
-                        self.turn(s, audio, action)
-                        if action == "barge_in":
-                            self.turn(s, question(rng.uniform(0.5, 2.0), rng.randrange(10**6)), "heard")
+                        full = not self.turn(s, audio, action)
+                        if not full and action == "barge_in":
+                            full = not self.turn(s, question(rng.uniform(0.5, 2.0), rng.randrange(10**6)), "heard")
+                        if full:
+                            s.close()
+                            s = c.open(seed=k, max_new_tokens=self.args.max_new_tokens)
             except RemoteError as e:
-                self.count(e.code, errors=True)
+                self.count(e.code, errors=True, message=e.message)
             except ClientError as e:
-                self.count(type(e).__name__, errors=True)
+                self.count(type(e).__name__, errors=True, message=str(e))
             time.sleep(0.2)
 
     def malformed(self, rng: random.Random) -> None:
@@ -112,7 +120,8 @@ class Soak:
         finally:
             sock.close()
 
-    def turn(self, s, audio: np.ndarray, action: str) -> None:
+    def turn(self, s, audio: np.ndarray, action: str) -> bool:
+        """One turn; False when the conversation is full (the user starts a new session, as one would)."""
         try:
             s.send(audio, 16000)
             for ev in s.events(timeout=120):
@@ -122,7 +131,11 @@ class Soak:
                 if isinstance(ev, P.ResponseDone):
                     self.count("cancelled" if ev.finish_reason == "cancelled" else "answered")
         except RemoteError as e:
-            self.count(e.code, errors=True)
+            if e.code == "llm_refused" and "context limit" in e.message:
+                self.count("conversations full")
+                return False
+            self.count(e.code, errors=True, message=e.message)
+        return True
 
     # -- the daemon's processes ----------------------------------------------------------------------------------
     def workers(self) -> dict[str, int]:
@@ -132,48 +145,63 @@ class Soak:
         except ClientError:
             return {}
         self.restarts = {name: w.get("restarts", 0) for name, w in st["stages"].items()}
-        return {name: w["pid"] for name, w in st["stages"].items() if w.get("pid")}
+        return {name: (w["pid"], bool(w.get("ready"))) for name, w in st["stages"].items() if w.get("pid")}
 
     def sampler(self) -> None:
         rng = random.Random(self.args.seed)
         next_kill = self.args.kill_every
         while not self.stop.wait(self.args.sample_every):
             t = time.monotonic() - self.t0
-            pids = {"daemon": self.daemon.pid, **self.workers()}
+            procs = {"daemon": (self.daemon.pid, True), **self.workers()}
+            pids = {name: pid for name, (pid, _) in procs.items()}
             row = {"t": round(t, 1), "shm": shm_sample(self.daemon.pid)}
-            for name, pid in pids.items():
+            for name, (pid, ready) in procs.items():
                 row[name] = proc_sample(pid)
+                if row[name] is not None:
+                    row[name]["ready"] = ready
             self.samples.append(row)
+            done = self.args.minutes * 60
+            if t >= done:
+                self.stop.set()
+                break
             if self.args.kill_every and t >= next_kill and len(pids) > 1:
                 stage = rng.choice([n for n in pids if n != "daemon"])
                 os.kill(pids[stage], signal.SIGKILL)
                 self.kills.append({"t": round(t, 1), "stage": stage})
                 next_kill += self.args.kill_every
-            done = self.args.minutes * 60
             print(f"\rsoak {t / 60:5.1f}/{self.args.minutes} min  answered {self.counts['answered']}  "
                   f"errors {sum(self.errors.values())}  kills {len(self.kills)}", end="", file=sys.stderr)
-            if t >= done:
-                self.stop.set()
 
 
 def growth(samples: list[dict], warmup: float) -> dict:
-    """Per resource: mean of the first minute after warm-up, mean of the last minute, and the difference."""
+    """Per resource: mean of the first minute after warm-up, mean of the last minute, and the difference. A run
+    shorter than 3 minutes after warm-up compares its first and last thirds instead (the windows never overlap).
+
+    A worker that is restarting (SIGKILLed, not ready again yet) is left out of both means, and so is /dev/shm
+    while any worker restarts: a reloading process has not opened its sockets, threads and ring yet, and counting
+    it would read as growth once it has. A restarted worker's own warm-up after it is ready still counts."""
     if not samples:
         return {}
     end = samples[-1]["t"]
     start = end * warmup
-    first = [s for s in samples if start <= s["t"] < start + 60]
-    last = [s for s in samples if s["t"] >= end - 60]
+    span = min(60.0, (end - start) / 3)
+    first = [s for s in samples if start <= s["t"] < start + span]
+    last = [s for s in samples if s["t"] >= end - span]
+    procs = sorted({k for s in samples for k in s if k not in ("t", "shm")})
+
+    def ready(s: dict, proc: str) -> bool:
+        return bool(s.get(proc)) and s[proc].get("ready", True)
+
     out = {}
-    for proc in sorted({k for s in samples for k in s if k not in ("t", "shm")}):
+    for proc in procs:
         for metric in ("rss_mb", "fds", "threads"):
-            a = [s[proc][metric] for s in first if s.get(proc)]
-            b = [s[proc][metric] for s in last if s.get(proc)]
+            a = [s[proc][metric] for s in first if ready(s, proc)]
+            b = [s[proc][metric] for s in last if ready(s, proc)]
             if a and b:
                 out[f"{proc}.{metric}"] = round(float(np.mean(b) - np.mean(a)), 2)
     for metric in ("count", "mb"):
-        a = [s["shm"][metric] for s in first]
-        b = [s["shm"][metric] for s in last]
+        a = [s["shm"][metric] for s in first if all(ready(s, p) for p in procs)]
+        b = [s["shm"][metric] for s in last if all(ready(s, p) for p in procs)]
         if a and b:
             out[f"shm.{metric}"] = round(float(np.mean(b) - np.mean(a)), 2)
     return out
@@ -257,7 +285,7 @@ def main(argv=None) -> int:
                    f"{sum(soak.restarts.values())} ({len(soak.kills)} kills); growth after warm-up "
                    + ", ".join(f"{k} {v:+g}" for k, v in grown.items()))
         doc = {"command": [sys.executable, *sys.argv], "settings": vars(args), "counts": dict(soak.counts),
-               "errors": dict(soak.errors), "kills": soak.kills, "restarts": soak.restarts, "growth": grown,
+               "errors": dict(soak.errors), "error_messages": soak.messages, "kills": soak.kills, "restarts": soak.restarts, "growth": grown,
                "summary": summary, "samples": soak.samples}
         (out / "soak.json").write_text(json.dumps(doc, indent=1) + "\n")
         plot(doc, out / "soak.png")
