@@ -465,7 +465,7 @@ class VocoderOptions:
 
 
 # What `serve` and `generate` run with unless told otherwise (`--vocoder-left-chunks`): a window of 2 chunks keeps a
-# session's flow state flat (~1.9 GB fp32 at CosyVoice2 dims) however long the reply, where the exact flow grows by
+# session's flow state flat (1.45 GB fp32 at CosyVoice2 dims) however long the reply, where the exact flow grows by
 # ~230 MB per second of audio (docs/ARCHITECTURE.md, "Vocoder memory"). The library default stays exact.
 SERVING_LEFT_CHUNKS = 2
 

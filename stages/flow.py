@@ -43,18 +43,23 @@ def kv_bytes_per_second(cfg: FlowConfig, bytes_per_value: int = 4) -> float:
 
 
 def state_bytes_bound(cfg: FlowConfig, units: int, left_chunks: int | None, recompute: bool,
-                      bytes_per_value: int = 4) -> int:
-    """The most flow state one session can hold over a reply of `units` units: the exact stream's K/V grow with
-    the reply (kv_bytes_per_second), a window of k left chunks holds k + 1 chunks (the open one too), a recompute
-    keeps nothing between calls. x1.5: the K/V buffers grow by half when full (StreamKVCache)."""
+                      bytes_per_value: int = 4, call_units: int | None = None) -> int:
+    """The most flow state one session can hold over a reply of `units` units, whose calls each add at most
+    `call_units` (None: any number up to `units`). The exact stream's K/V grow with the reply (kv_bytes_per_second)
+    and x1.5, as its buffers grow by half when full (StreamKVCache); a window of k left chunks holds k chunks plus
+    one call's open positions -- the rest of the open chunk, the call's units and the lookahead -- and no slack
+    past that; a recompute keeps nothing between calls."""
     if recompute:
         return 0
-    chunk_s = max(cfg.encoder.static_chunk_size / cfg.input_frame_rate,
-                  cfg.estimator.static_chunk_size / (cfg.input_frame_rate * cfg.token_mel_ratio))
-    seconds = units / cfg.input_frame_rate
+    rate = cfg.input_frame_rate
+    chunk_s = max(cfg.encoder.static_chunk_size / rate, cfg.estimator.static_chunk_size / (rate * cfg.token_mel_ratio))
+    seconds = units / rate
+    per_s = kv_bytes_per_second(cfg, bytes_per_value)
     if left_chunks is not None:
-        seconds = min(seconds, (left_chunks + 1) * chunk_s)
-    return int(1.5 * kv_bytes_per_second(cfg, bytes_per_value) * seconds)
+        call = units if call_units is None else min(call_units, units)
+        window_s = (left_chunks + 1) * chunk_s + (call + cfg.pre_lookahead_len) / rate
+        return int(per_s * min(1.5 * seconds, window_s))
+    return int(1.5 * per_s * seconds)
 
 
 class CFM(nn.Module):
@@ -252,6 +257,10 @@ class FlowStream:
         """Bytes allocated for this session's left context: K/V buffers (capacity), conv tails, pending mu."""
         return (sum(c.nbytes() for c in self._caches())
                 + self.mu_pending.numel() * self.mu_pending.element_size())
+
+    def kv_allocated(self) -> int:
+        """Bytes allocated for keys/values (the buffers' capacity; what state_bytes_bound bounds)."""
+        return sum(c.nbytes() for c in self._caches() if isinstance(c, StreamKVCache))
 
     def kv_bytes(self) -> int:
         """Bytes of committed keys/values alone (what `kv_bytes_per_second` predicts)."""

@@ -178,8 +178,11 @@ class StreamKVCache:
             self.pos, self.len = self.pos + drop, self.len - drop
         need = self.len + k.shape[2]
         if self.k is None or need > self.k.shape[2]:
-            # Grow by half: amortised O(1) copies per position, at most 1.5x the live bytes.
+            # Grow by half: amortised O(1) copies per position, at most 1.5x the live bytes...
             cap = need if self.k is None else max(need, self.k.shape[2] * 3 // 2)
+            if span.left_chunks is not None:
+                # ...but a window never holds more than its chunks plus one call's positions: no slack past those.
+                cap = min(cap, max(need, (span.left_chunks + 1) * span.chunk))
             self.k, self.v = _grown(self.k, k, self.len, cap), _grown(self.v, v, self.len, cap)
         self.k[:, :, self.len:need] = k
         self.v[:, :, self.len:need] = v

@@ -42,10 +42,10 @@ from omni2.engine.config import (
     DTYPE_BYTES,
     STAGES,
     EngineConfig,
-    FlowConfig,
     ModelConfig,
     Placement,
     SessionOptions,
+    VocoderConfig,
 )
 from omni2.engine.runtime.runners import to_wire
 from omni2.engine.runtime.supervisor import Supervisor
@@ -95,6 +95,7 @@ class _Session:
     user_id: str
     key: str
     options: SessionOptions
+    flow_bytes: int  # the most vocoder flow state its replies can hold (admission against the memory budget)
     events: queue.Queue = field(default_factory=queue.Queue)
     chunks: list = field(default_factory=list)  # audio appended for the next turn
     rate: int = 0
@@ -143,7 +144,7 @@ class Engine:
         self.sample_rate = self.vocoder_dir.config.sample_rate
         self.read = md.config.generator.stream.read
         self.limits = config.limits
-        self.session_flow_bytes = session_flow_bytes(config, md.config, self.vocoder_dir.config.flow)
+        self._model_cfg = md.config
         self._lock = threading.RLock()  # sessions, turns and acks: user threads and the loop thread
         self._sessions: dict[str, _Session] = {}  # by user id
         self._by_key: dict[str, _Session] = {}
@@ -255,14 +256,17 @@ class Engine:
                 raise EngineError("too_many_sessions", f"all {self.limits.max_sessions} sessions are in use "
                                   "(close one, or start the engine with more --max-sessions)")
             budget = self.config.vocoder_memory_bytes
-            if budget is not None and (len(self._sessions) + 1) * self.session_flow_bytes > budget:
-                raise EngineError("engine_full", f"{len(self._sessions)} sessions are open and another could hold "
-                                  f"{self.session_flow_bytes / 1e9:.2f} GB of vocoder state, past the "
-                                  f"{budget / 1e9:.2f} GB budget (close a session, or use a bounded vocoder "
-                                  "memory mode: --vocoder-left-chunks)")
+            flow_bytes = session_flow_bytes(self.config, self._model_cfg, self.vocoder_dir.config,
+                                            options.vocoder_schedule)
+            held = sum(s.flow_bytes for s in self._sessions.values())
+            if budget is not None and held + flow_bytes > budget:
+                raise EngineError("engine_full", f"{len(self._sessions)} sessions are open and could hold "
+                                  f"{held / 1e9:.2f} GB of vocoder state; another could hold {flow_bytes / 1e9:.2f} "
+                                  f"GB, past the {budget / 1e9:.2f} GB budget (close a session, or use a bounded "
+                                  "vocoder memory mode: --vocoder-left-chunks)")
             if options.voice not in self.voices():
                 raise EngineError("unknown_voice", f"no voice {options.voice!r}; voices: {', '.join(self.voices())}")
-            s = _Session(session_id, f"s{next(self._keys)}", options)
+            s = _Session(session_id, f"s{next(self._keys)}", options, flow_bytes)
             self._sessions[session_id] = self._by_key[s.key] = s
             ack = self._acks[s.key] = _OpenAck()
         self._broadcast(to_wire(s.key, s.options))
@@ -652,13 +656,18 @@ class Engine:
         log.info("engine stopped")
 
 
-def session_flow_bytes(cfg: EngineConfig, model: ModelConfig, flow: FlowConfig) -> int:
-    """The most flow state one session's reply can hold: the longest reply the limits allow is
-    ceil(max_new_tokens / R) writes of W units plus the final flush."""
+def session_flow_bytes(cfg: EngineConfig, model: ModelConfig, vocoder: VocoderConfig,
+                       schedule: str | None = None) -> int:
+    """The most flow state one session's reply can hold under `schedule` (None: the engine's): the longest reply
+    the limits allow is ceil(max_new_tokens / R) writes of W units plus the final flush, voiced in calls of W units
+    (live), of the hop (hop), or of whole writes, the final flush included (official-live)."""
     stream = model.generator.stream
     units = -(-cfg.limits.max_new_tokens // stream.read) * stream.write + FINAL_MAX_UNITS
     opts = cfg.vocoder_options
-    return state_bytes_bound(flow, units, opts.left_chunks, opts.mode == "recompute", DTYPE_BYTES[cfg.dtype])
+    call = {"live": stream.write, "hop": opts.token_hop or vocoder.token_hop,
+            "official-live": FINAL_MAX_UNITS}[schedule or opts.schedule]
+    return state_bytes_bound(vocoder.flow, units, opts.left_chunks, opts.mode == "recompute", DTYPE_BYTES[cfg.dtype],
+                             call_units=call)
 
 
 def _keep_states(s: _Session) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from omni2.engine.config import FlowConfig, FlowEncoderConfig, FlowEstimatorConfig
-from omni2.stages.flow import Flow, kv_bytes_per_second, make_noise, solve_euler
+from omni2.stages.flow import Flow, kv_bytes_per_second, make_noise, solve_euler, state_bytes_bound
 from omni2.stages.flow_cache import ConvCache, Span, chunk_mask
 from omni2.stages.flow_encoder import PreLookahead, RelPosAttention, Upsample1D
 from omni2.stages.flow_estimator import Attention, CausalConv1d, SinusoidalPosEmb
@@ -413,6 +413,31 @@ def test_windowed_stream(flow):
             sizes[left].append(stream.cache_bytes())
     assert max(sizes[1][4:]) == sizes[1][4]  # flat once the window is full
     assert sizes[None][-1] > 3 * sizes[None][4]  # the exact stream keeps growing
+
+
+@pytest.mark.parametrize("write", [3, 10])
+@pytest.mark.parametrize("left", [1, 2, None])
+def test_stream_memory_stays_within_the_admission_bound(flow, left, write):
+    """Over a long reply voiced in writes of `write` units (10: each call adds more than a chunk of 4), the K/V
+    bytes a stream allocates never pass state_bytes_bound, the figure admission charges a session: a window holds
+    its chunks plus one call's open positions and no growth slack past them, and stays flat once full."""
+    cfg = flow.cfg
+    _, spk = replies(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (120,), generator=torch.Generator().manual_seed(15))
+    noise = make_noise(cfg)
+    stream = flow.new_stream(spk, noise, left_chunks=left)
+    sizes = []
+    for n in range(write, 121, write):
+        stream.push(tokens[n - write:n])
+        stream.mel(False)
+        kv = stream.kv_allocated()
+        assert kv <= state_bytes_bound(cfg, n, left, False, call_units=write), (n, kv)
+        sizes.append(kv)
+    assert sizes[-1] > 0
+    if left is not None:
+        assert sizes[-1] == max(sizes) == sizes[len(sizes) // 2]  # flat once the window is full
+    else:
+        assert sizes[-1] > 5 * sizes[1]
 
 
 def test_kv_bytes_per_second_formula(flow):
