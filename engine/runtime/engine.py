@@ -157,6 +157,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._errors = 0
         self._replay: set[str] = set()  # restarted stages to re-open every session in, once they are ready
+        # Turns committed while a stage restarts wait here: sent now, they could reach the replacement before it
+        # knows their session (it would drop them) or its conversation (it would refuse them).
+        self._held: list[EngineToAsr] = []
         # Made by start(); None until then (and status() says so).
         self.prefix: str | None = None
         self.ipc_dir: str | None = None
@@ -314,8 +317,12 @@ class Engine:
             _drop_cancel_marks(s.events)  # a cancel nobody waited for must not end the new turn's events()
             history = list(s.history)
             cuts = [x for t, k in sorted(s.cuts.items()) if t in history for x in (t, k)]
-        self._put_asr(EngineToAsr([s.key], [n], [audio], [True], 16000, time.perf_counter(), [history],
-                                  [cuts] if cuts else []))
+            msg = EngineToAsr([s.key], [n], [audio], [True], 16000, time.perf_counter(), [history],
+                              [cuts] if cuts else [])
+            if self._replay:
+                self._held.append(msg)
+                return n
+        self._put_asr(msg)
         return n
 
     def truncate(self, session_id: str, turn: int, tokens: int) -> int:
@@ -509,8 +516,13 @@ class Engine:
         elif isinstance(msg, WorkerReady):
             self._sup.ready(msg.stage)
             if msg.stage in self._replay:
-                self._replay.discard(msg.stage)
                 self._reopen(msg.stage)
+                with self._lock:
+                    self._replay.discard(msg.stage)
+                    held, self._held = (self._held, []) if not self._replay else ([], self._held)
+                if held:
+                    # Not from this thread: the ASR's credits wait on outputs only this loop drains.
+                    threading.Thread(target=self._put_held, args=(held,), name="held-turns", daemon=True).start()
         elif isinstance(msg, SessionAck):
             with self._lock:
                 ack = self._acks.get(msg.session_id)
@@ -526,6 +538,9 @@ class Engine:
                 if s is not None:
                     s.states.setdefault(msg.stage, {})[msg.turn] = msg
                     _keep_states(s)
+                    if s.turn is not None and s.turn.number == msg.turn:
+                        s.turn.on_state(msg.stage)
+                        self._finish_if_done(s)
         elif isinstance(msg, StageError):
             self._errors += 1
             if not msg.session_ids:
@@ -567,13 +582,18 @@ class Engine:
                 return
             for ev in events:
                 self._emit(s, ev)
-            if t.done():
-                s.turn = None
-                s.history.append(t.number)  # only a finished turn: a cancelled or failed one never enters it
-                done = t.finish(uid)
-                s.answer_tokens[t.number] = len(done.token_ids)
-                _keep_states(s)
-                self._emit(s, done)
+            self._finish_if_done(s)
+
+    def _finish_if_done(self, s: _Session) -> None:
+        t = s.turn
+        if t is None or not t.done():
+            return
+        s.turn = None
+        s.history.append(t.number)  # only a finished turn: a cancelled or failed one never enters it
+        done = t.finish(s.user_id)
+        s.answer_tokens[t.number] = len(done.token_ids)
+        _keep_states(s)
+        self._emit(s, done)
 
     def _emit(self, s: _Session, ev: Event) -> None:
         if self.on_event is not None:
@@ -601,6 +621,8 @@ class Engine:
         else:
             self._send(producer, protocol.encode(RingReset(edge)))
         with self._lock:
+            if self._ready.is_set():
+                self._replay.add(stage)  # from now on new turns wait for the replacement (commit, _held)
             for s in list(self._by_key.values()):
                 if s.turn is not None and s.turn.held_by(stage):
                     self._fail_turn(s, "worker_crashed", f"the {stage} worker {why}; this turn was lost "
@@ -609,12 +631,19 @@ class Engine:
             # Still starting: a worker that died while loading would die again (a bad checkpoint, a device that
             # is not there); start() fails now instead of after the restart budget.
             self._sup.give_up(stage, f"the {stage} worker {why} before the engine was ready")
-        elif self._sup.restart(stage):
-            self._replay.add(stage)
-        else:
+        elif not self._sup.restart(stage):
             with self._lock:
+                self._replay.discard(stage)
+                self._held = []  # their turns end with stage_failed below
                 for s in list(self._by_key.values()):
                     self._fail_turn(s, "stage_failed", self._sup.failed()[stage])
+
+    def _put_held(self, held: list[EngineToAsr]) -> None:
+        for msg in held:
+            try:
+                self._put_asr(msg)
+            except EngineError:
+                return  # stopping: every turn in flight gets its shutdown event
 
     def _reopen(self, stage: str) -> None:
         """A replacement worker knows no session: open each again, and drop whatever of their past turns is
@@ -681,15 +710,18 @@ def _keep_states(s: _Session) -> None:
 
 
 def _restore_message(s: _Session, stage: str) -> RestoreSession | None:
-    """What a restarted `stage` needs to go on with session `s` after its conversation's last turn."""
+    """What a restarted `stage` needs to go on with session `s` after its conversation's last turn -- or after
+    the turn in flight, when `stage` had finished its part of it before the loss (the turn goes on elsewhere and
+    may still join the conversation)."""
     kept = s.states.get(stage, {})
+    latest = s.history + ([s.turn.number] if s.turn is not None and s.turn.number in kept else [])
     if stage == "llm":
-        turns = [t for t in s.history if t in kept]
-        if len(turns) < len(s.history):
+        turns = [t for t in latest if t in kept]
+        if len(turns) < len(latest):
             log.warning("session %s: the thinker's state of turns %s never arrived; its next turn will be refused",
-                        s.user_id, sorted(set(s.history) - set(turns)))
+                        s.user_id, sorted(set(latest) - set(turns)))
     else:
-        turns = [s.history[-1]] if s.history and s.history[-1] in kept else []
+        turns = [latest[-1]] if latest and latest[-1] in kept else []
     if not turns:
         return None
     states = [kept[t] for t in turns]

@@ -1,5 +1,8 @@
 """One user turn as the engine sees it come back: rows of LlmToEngine, TtsToEngine and VocoderToEngine in,
-user events out, and a TurnDone once all three stages have said their last word.
+user events out, and a TurnDone once all three stages have said their last word and every stateful stage has
+reported the session state a successor would need (SessionState): a worker killed between its last output and
+that report still holds the turn, so the turn fails with it rather than enter a conversation no replacement could
+be given.
 
 Latency terms (DESIGN.md), seconds after the turn was committed, as engine/reference.py marks them:
 t_asr when the speech embeddings left the ASR worker; t_llm when the R-th text token (or the last, if the reply
@@ -15,6 +18,8 @@ import numpy as np
 
 from omni2.engine.wire.protocol import AudioDelta, Event, TextDelta, TurnDone, UnitChunk
 
+STATEFUL = ("llm", "tts", "vocoder")  # the stages that send a SessionState as a turn ends in them
+
 
 @dataclass
 class Turn:
@@ -28,15 +33,20 @@ class Turn:
     tts_done: bool = False
     voc_done: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    states: set[str] = field(default_factory=set)  # stages whose SessionState for this turn has arrived
 
-    # Where the turn is: a stage still "holds" it until that stage's last output for it has arrived.
+    # Where the turn is: a stage still "holds" it until its last output for it, and its SessionState, have arrived.
     def held_by(self, stage: str) -> bool:
-        if stage in ("asr", "llm"):
-            return self.finish_reason is None and (stage == "llm" or not self.token_ids)
-        return not self.tts_done if stage == "tts" else not self.voc_done
+        if stage == "asr":
+            return self.finish_reason is None and not self.token_ids
+        output = {"llm": self.finish_reason is not None, "tts": self.tts_done, "vocoder": self.voc_done}[stage]
+        return not (output and stage in self.states)
 
     def done(self) -> bool:
-        return self.finish_reason is not None and self.tts_done and self.voc_done
+        return not any(self.held_by(stage) for stage in STATEFUL)
+
+    def on_state(self, stage: str) -> None:
+        self.states.add(stage)
 
     def _mark(self, key: str, at: float) -> None:
         self.timings.setdefault(key, at - self.t0)

@@ -120,21 +120,32 @@ def conversation(tiny_ckpt, tiny_vocoder):
         ref.close("c")
 
 
-def test_a_conversation_survives_worker_restarts_between_turns(engine, conversation):
+@pytest.mark.parametrize("commit", ["after the restarts", "during the restarts"])
+def test_a_conversation_survives_worker_restarts_between_turns(engine, conversation, commit):
     """Each restarted worker is given what its predecessor held of the session (the thinker's conversation, the
     sampler counters, the vocoder's generator): the next turn equals the uninterrupted conversation's — ids, units
     and audio, bit for bit. (Without it the thinker refuses the turn, the TTS draws other units, the vocoder other
-    noise: each fails this test on its own — checked.)"""
+    noise: each fails this test on its own — checked.) A turn committed while the replacements still load waits
+    for them to be given the session (sent at once, the new ASR would drop it, unknown, and the new thinker refuse
+    it, its conversation not restored yet — checked)."""
     engine.open("talker", session_options(seed=5))
     try:
         first = events_reply(list(engine.turn("talker", AUDIO, timeout=60)))
         assert first[0] == conversation[0][0] and first[1] == conversation[0][1]
         assert np.array_equal(first[2], conversation[0][2])
-        pids = {s: engine.status()["stages"][s]["pid"] for s in ("llm", "tts", "vocoder")}
+        stages = ("asr", "llm", "tts", "vocoder") if commit == "during the restarts" else ("llm", "tts", "vocoder")
+        pids = {s: engine.status()["stages"][s]["pid"] for s in stages}
         for pid in pids.values():
             os.kill(pid, signal.SIGKILL)
-        for stage, pid in pids.items():
-            wait_ready(engine, stage, pid)
+        if commit == "after the restarts":
+            for stage, pid in pids.items():
+                wait_ready(engine, stage, pid)
+        else:
+            deadline = time.monotonic() + 10
+            while any(engine.status()["stages"][st]["pid"] == pid for st, pid in pids.items()):  # losses seen
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert not all(engine.status()["stages"][st]["ready"] for st in pids)  # replacements still loading
         ids, units, pcm = events_reply(list(engine.turn("talker", AFTER, timeout=60)))
         want_ids, want_units, want_pcm = conversation[1]
         assert ids == want_ids and units == want_units
