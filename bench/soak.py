@@ -101,6 +101,8 @@ class Soak:
                             s = c.open(seed=k, max_new_tokens=self.args.max_new_tokens)
             except RemoteError as e:
                 self.count(e.code, errors=True, message=e.message)
+                if e.code == "too_many_sessions":  # abandoned sessions hold their slots until reclaimed
+                    time.sleep(1.0)
             except ClientError as e:
                 self.count(type(e).__name__, errors=True, message=str(e))
             time.sleep(0.2)
