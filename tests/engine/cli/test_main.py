@@ -258,7 +258,7 @@ def test_voice_add_refuses_a_prompt_over_30_seconds(tiny_vocoder, store, tmp_pat
     assert x.shape == (192,) and x.dtype == np.float32 and np.isfinite(x).all() and np.abs(x).max() > 0
 
 
-@pytest.mark.parametrize("given, left_chunks, batch", [([], 2, 16), (["--vocoder-left-chunks", "all"], None, 16),
+@pytest.mark.parametrize("given, left_chunks, batch", [([], 1, 16), (["--vocoder-left-chunks", "all"], None, 16),
                                                       (["--vocoder-left-chunks", "5", "--vocoder-batch", "1"], 5, 1)])
 def test_vocoder_options_from_the_command_line(given, left_chunks, batch):
     """serve and generate voice with a bounded window by default; `all` is the exact official flow."""
