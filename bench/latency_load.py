@@ -27,6 +27,7 @@ from omni2.engine.wire import protocol as P
 
 QUESTION_RATE = 16000  # Hz, what Whisper hears
 STATUS_EVERY_S = 0.25  # status polls; workers beat every 0.2 s, so a faster poll only repeats itself
+FINAL_POLL_S = 0.5  # the last poll waits two beats past the last answer
 AUDIBLE_GAP_S = 0.01  # shorter gaps vanish in a sound card's buffer; a listener would not hear them
 TERMS = ("t_asr", "t_llm", "t_tts", "first_audio", "end")
 
@@ -143,12 +144,22 @@ class _StageTrace:
                 "queued_max": max(self.queued, default=None)}
 
 
-async def _sample_status(address: str, token: str, traces: dict[str, _StageTrace], stop: asyncio.Event) -> None:
+async def _sample_status(address: str, token: str, traces: dict[str, _StageTrace], started: asyncio.Event,
+                         stop: asyncio.Event) -> None:
+    """Poll the daemon's status from before the first question until after the last answer: the first poll is the
+    baseline of the step counters and the last one comes two heartbeats after the end, so that every step of the
+    cell has been reported (a step's count travels in the worker's next beat)."""
     async with AsyncClient(address, token=token) as c:
-        while not stop.is_set():
+        while True:
+            last = stop.is_set()
+            if last:
+                await asyncio.sleep(FINAL_POLL_S)
             st = await c.status(timeout=30)
             for stage, s in st.get("stages", {}).items():
                 traces.setdefault(stage, _StageTrace()).add(s)
+            started.set()
+            if last:
+                return
             try:
                 await asyncio.wait_for(stop.wait(), STATUS_EVERY_S)
             except asyncio.TimeoutError:
@@ -187,12 +198,19 @@ async def _session(address: str, token: str, k: int, load: Load, due: float, rec
 
 async def _drive(address: str, token: str, load: Load, on_turn) -> tuple[list[dict], dict]:
     arrivals = arrival_times(load.concurrency, load.arrivals, load.rate)
-    start = time.perf_counter() + 0.5  # every session has opened before the first question ends
     records: list[dict] = []
     traces: dict[str, _StageTrace] = {}
-    stop = asyncio.Event()
-    sampler = asyncio.create_task(_sample_status(address, token, traces, stop))
+    started, stop = asyncio.Event(), asyncio.Event()
+    sampler = asyncio.create_task(_sample_status(address, token, traces, started, stop))
     try:
+        polled = asyncio.ensure_future(started.wait())
+        await asyncio.wait({sampler, polled}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        polled.cancel()
+        if sampler.done():
+            sampler.result()  # the daemon did not answer a status request: its error, not a silent empty trace
+        if not started.is_set():
+            raise TimeoutError("the daemon did not answer a status request within 60 s")
+        start = time.perf_counter() + 0.5  # every session has opened before the first question ends
         await asyncio.gather(*(_session(address, token, k, load, start + a, records, on_turn)
                                for k, a in enumerate(arrivals)))
     finally:
