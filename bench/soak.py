@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -234,7 +235,7 @@ def plot(doc: dict, path: Path) -> None:
             ax.axvline(k["t"] / 60, color="r", alpha=0.35, lw=0.8)
         ax.axvspan(0, doc["settings"]["warmup"] * samples[-1]["t"] / 60, color="0.9", zorder=-1)
     axes[3].set_xlabel("minutes (grey: warm-up; red lines: a worker SIGKILLed)")
-    fig.suptitle(f"soak: {doc['settings']['sessions']} sessions, {doc['summary']}", fontsize=9)
+    fig.suptitle(textwrap.fill(f"soak: {doc['settings']['sessions']} sessions, {doc['summary']}", 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
