@@ -3,6 +3,8 @@
   latency-breakdown.png    where first audio goes: one stacked bar per system and configuration
   latency-concurrency.png  first audio p50 and p95 against sessions, ours beside the official cost model
   latency-rw.png           first audio against W, a line per R (the Read-R-Write-W trade-off)
+
+A figure whose x axis the sweep did not vary (one concurrency level, one W) says nothing and is not drawn.
 """
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ CONFIG_COLOURS = plt.get_cmap("tab10").colors
 
 
 def plot_all(doc: dict, out: Path) -> list[Path]:
-    return [breakdown(doc, out / "latency-breakdown.png"), concurrency(doc, out / "latency-concurrency.png"),
-            rw(doc, out / "latency-rw.png")]
+    written = [breakdown(doc, out / "latency-breakdown.png")]
+    if len({c["concurrency"] for cfg in doc["configs"] for c in cfg["cells"]}) > 1:
+        written.append(concurrency(doc, out / "latency-concurrency.png"))
+    if len({cfg["write"] for cfg in doc["configs"]}) > 1:
+        written.append(rw(doc, out / "latency-rw.png"))
+    return written
 
 
 def _title(doc: dict, what: str) -> str:

@@ -112,5 +112,6 @@ def test_table_and_figures(run):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("R3W10 live streaming q1s")]
     assert len(rows) == 4  # baseline alone, reference alone, 1 and 2 sessions
     assert rows[-1].split()[-1] == "true"
-    for name in ("latency-breakdown.png", "latency-concurrency.png", "latency-rw.png"):
+    for name in ("latency-breakdown.png", "latency-concurrency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "latency-rw.png").exists()  # one W swept: no trade-off to draw
