@@ -183,39 +183,29 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     token = open(args.token_file).read().strip() if args.token_file else None
-    proc = None
+    daemon = None
     address = args.connect
     if address is None:
         import os
         import secrets
-        import socket
-        import subprocess
         import tempfile
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        address = f"tcp://127.0.0.1:{port}"
-        exe = os.path.join(os.path.dirname(sys.executable), "omni2-engine")
+        from daemon_process import DaemonProcess, free_address, serve_argv
+
+        address = free_address()
         token = secrets.token_hex(16)  # with a token the fuzz can also open sessions of its own
         token_file = os.path.join(tempfile.mkdtemp(), "token")
         with open(token_file, "w") as f:
             f.write(token)
-        print(f"starting {exe} serve on {address} (demo model) ...", file=sys.stderr)
-        proc = subprocess.Popen([exe, "serve", "--bind", address, "--token-file", token_file, "--log-level",
-                                 "WARNING"])
-    from omni2.engine.client import Client, DaemonUnavailable
+        print(f"starting serve on {address} (demo model) ...", file=sys.stderr)
+        daemon = DaemonProcess(serve_argv(address, "--token-file", token_file, "--log-level", "WARNING"), address,
+                               token=token)
+        daemon.start()
+    from omni2.engine.client import Client
 
     try:
         with Client(address, token=token or "") as c:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    c.ping(timeout=1.0)
-                    break
-                except DaemonUnavailable:
-                    if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                        raise
+            c.ping(timeout=5.0)  # a --connect daemon that is not there fails here, before the fuzz
             fuzz(address, args.frames, token, args.seed, log=lambda s: print(s, file=sys.stderr))
             # still serving: a normal session with a real turn
             s = c.open(greedy=True, max_new_tokens=6)
@@ -225,9 +215,8 @@ def main() -> int:
             print(f"after the fuzz: a normal turn gave {len(r.token_ids)} tokens, {len(r.units)} units, "
                   f"{r.audio.size} samples ({r.finish_reason})", file=sys.stderr)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        if daemon is not None:
+            daemon.stop()
     return 0
 
 

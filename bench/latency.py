@@ -42,12 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from latency_daemon import BenchDaemon, DaemonSpec
+from latency_daemon import DaemonSpec, bench_daemon
 from latency_load import QUESTION_RATE, TERMS, Load, drive, fifo, question, question_seed, turn_record
 from latency_schema import SCHEMA_ID, validate
 from tqdm import tqdm
 
-from omni2.engine.config import STAGES, StreamParams, default_worker_threads
+from omni2.engine.config import SERVING_LEFT_CHUNKS, STAGES, StreamParams, default_worker_threads, parse_left_chunks
 from omni2.engine.wire.protocol import AudioDelta, TurnDone
 
 RESULTS = Path(__file__).parent / "results"
@@ -149,7 +149,8 @@ def single_process(model_dir: Path, vocoder_dir: Path, cfg: Config, baseline: bo
                              dtype=getattr(torch, args.dtype), baseline=baseline,
                              limits=Limits(max_sessions=1, max_new_tokens=args.max_new_tokens),
                              tts_options=TTSOptions(offline=cfg.mode == "offline"),
-                             vocoder_options=VocoderOptions(schedule=schedule, token_hop=hop))
+                             vocoder_options=VocoderOptions(schedule=schedule, token_hop=hop,
+                                                            left_chunks=None if baseline else args.vocoder_left_chunks))
     first = args.seeds[0]  # a short reply: the first turn pays lazy initialisation, and is not recorded
     _answer(pipe, first, [question(cfg.question_s, question_seed(first, 0))])
     out = []
@@ -320,6 +321,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, help="torch threads per worker, and in this process (default: the "
                                                 "cores shared out among the four workers)")
+    ap.add_argument("--vocoder-left-chunks", type=parse_left_chunks, default=SERVING_LEFT_CHUNKS, metavar="K|all",
+                    help=f"the flow's window for ours, engine and reference (default {SERVING_LEFT_CHUNKS}, as serve); "
+                         "all = the exact official flow. The baseline is always exact")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds without an event before a turn fails")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-reference", action="store_true", help="check replies against the baseline instead")
@@ -418,8 +422,8 @@ def main(argv=None) -> int:
                 spec = DaemonSpec(str(variant), str(vocoder_dir), placement=args.placement, dtype=args.dtype,
                                   threads=threads, max_sessions=max(args.concurrency),
                                   max_new_tokens=args.max_new_tokens, schedule=schedule, token_hop=hop,
-                                  offline=mode == "offline")
-                daemon = BenchDaemon(spec, out / "logs" / f"daemon-r{r}w{w}-{schedule}{hop or ''}-{mode}.log")
+                                  left_chunks=args.vocoder_left_chunks, offline=mode == "offline")
+                daemon = bench_daemon(spec, out / "logs" / f"daemon-r{r}w{w}-{schedule}{hop or ''}-{mode}.log")
                 address = daemon.start()
             try:
                 warm = Load(1, 1, (args.seeds[0],), group[0].question_s, listen=False, timeout_s=args.timeout)

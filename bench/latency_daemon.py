@@ -3,23 +3,16 @@
 Not `omni2-engine serve`: its command line fixes TTSOptions, and the offline side of the streaming-vs-offline
 sweep needs `TTSOptions(offline=True)`. Everything else (front door, engine, workers, wire) is the daemon's own
 code, so what the client measures is what a user of `serve` gets. The child is told its settings as one JSON
-argument and dies with the bench (PR_SET_PDEATHSIG), so an interrupted sweep leaves no workers behind.
+argument and dies with the bench (bench/daemon_process.py), so an interrupted sweep leaves no workers behind.
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from omni2.engine.client import Client, DaemonUnavailable
-
-START_TIMEOUT_S = 900.0  # 7b on a cold disk loads for minutes; the tiny preset on 2 busy cores takes ~25 s
+from daemon_process import DaemonProcess, free_address
 
 
 @dataclass(frozen=True)
@@ -35,71 +28,17 @@ class DaemonSpec:
     max_new_tokens: int = 256
     schedule: str = "live"
     token_hop: int | None = None
+    left_chunks: int | None = None  # the flow's window; None = the exact official flow
     offline: bool = False
     # A worker's heartbeat thread shares the GIL with its step: on a loaded 2-core machine the default 1 s would
     # restart healthy workers mid-sweep and show up as failed turns, not as latency.
     hang_s: float = 10.0
 
 
-class BenchDaemon:
-    """start() -> address; stop() -> exit status. The child's log is kept beside the results."""
-
-    def __init__(self, spec: DaemonSpec, log_path: Path):
-        self.spec, self.log_path = spec, log_path
-        self.port = _free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = START_TIMEOUT_S) -> str:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, __file__, json.dumps(asdict(self.spec)), self.address],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-        log.close()  # the child holds its own copy of the descriptor
-        deadline = time.monotonic() + timeout
-        with Client(self.address) as c:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the daemon exited with {self.proc.returncode}; its log "
-                                       f"({self.log_path}):\n{self.log_path.read_text()[-3000:]}")
-                try:
-                    c.ping(timeout=0.5)
-                    return self.address
-                except DaemonUnavailable:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise RuntimeError(f"the daemon was not ready in {timeout:.0f} s (log: {self.log_path})") \
-                            from None
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)  # a clean stop: workers end and shared memory is swept
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-    def __enter__(self) -> BenchDaemon:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def bench_daemon(spec: DaemonSpec, log_path: Path) -> DaemonProcess:
+    """The sweep's daemon for `spec`, not started yet."""
+    address = free_address()
+    return DaemonProcess([sys.executable, __file__, json.dumps(asdict(spec)), address], address, log_path)
 
 
 def _serve(spec: DaemonSpec, bind: str) -> int:
@@ -118,7 +57,8 @@ def _serve(spec: DaemonSpec, bind: str) -> int:
     engine = EngineConfig(spec.model_dir, spec.vocoder_dir, placement=spec.placement, dtype=spec.dtype,
                           limits=limits, threads=spec.threads, hang_s=spec.hang_s,
                           tts_options=TTSOptions(offline=spec.offline),
-                          vocoder_options=VocoderOptions(schedule=spec.schedule, token_hop=spec.token_hop))
+                          vocoder_options=VocoderOptions(schedule=spec.schedule, token_hop=spec.token_hop,
+                                                         left_chunks=spec.left_chunks))
     return serve(server, engine)
 
 

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+from daemon_process import DaemonProcess, free_address, serve_argv
 from latency_load import question
 
 from omni2.engine.client import Client, ClientError, RemoteError
@@ -180,33 +180,32 @@ def growth(samples: list[dict], warmup: float) -> dict:
     """Per resource: mean of the first minute after warm-up, mean of the last minute, and the difference. A run
     shorter than 3 minutes after warm-up compares its first and last thirds instead (the windows never overlap).
 
-    A worker that is restarting (SIGKILLed, not ready again yet) is left out of both means, and so is /dev/shm
-    while any worker restarts: a reloading process has not opened its sockets, threads and ring yet, and counting
-    it would read as growth once it has. A restarted worker's own warm-up after it is ready still counts."""
+    A sample taken while any worker restarts (SIGKILLed, not ready again yet) is left out of both means: the
+    reloading process has not opened its sockets, threads and ring yet, and its peers (the daemon, the stages on
+    either side) have closed their connections to it; counting those dips would read as growth once they are back.
+    A restarted worker's own warm-up after it is ready still counts."""
     if not samples:
         return {}
     end = samples[-1]["t"]
     start = end * warmup
     span = min(60.0, (end - start) / 3)
-    first = [s for s in samples if start <= s["t"] < start + span]
-    last = [s for s in samples if s["t"] >= end - span]
     procs = sorted({k for s in samples for k in s if k not in ("t", "shm")})
 
-    def ready(s: dict, proc: str) -> bool:
-        return bool(s.get(proc)) and s[proc].get("ready", True)
+    def settled(s: dict) -> bool:
+        return all(s.get(p) and s[p].get("ready", True) for p in procs)
 
+    first = [s for s in samples if start <= s["t"] < start + span and settled(s)]
+    last = [s for s in samples if s["t"] >= end - span and settled(s)]
     out = {}
+    if not first or not last:
+        return out
     for proc in procs:
         for metric in ("rss_mb", "fds", "threads"):
-            a = [s[proc][metric] for s in first if ready(s, proc)]
-            b = [s[proc][metric] for s in last if ready(s, proc)]
-            if a and b:
-                out[f"{proc}.{metric}"] = round(float(np.mean(b) - np.mean(a)), 2)
+            out[f"{proc}.{metric}"] = round(float(np.mean([s[proc][metric] for s in last])
+                                                  - np.mean([s[proc][metric] for s in first])), 2)
     for metric in ("count", "mb"):
-        a = [s["shm"][metric] for s in first if all(ready(s, p) for p in procs)]
-        b = [s["shm"][metric] for s in last if all(ready(s, p) for p in procs)]
-        if a and b:
-            out[f"shm.{metric}"] = round(float(np.mean(b) - np.mean(a)), 2)
+        out[f"shm.{metric}"] = round(float(np.mean([s["shm"][metric] for s in last])
+                                           - np.mean([s["shm"][metric] for s in first])), 2)
     return out
 
 
@@ -253,28 +252,13 @@ def main(argv=None) -> int:
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `serve` argument (repeatable)")
     args = ap.parse_args(argv)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    exe = os.path.join(os.path.dirname(sys.executable), "omni2-engine")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "daemon.log", "w")
-    daemon = subprocess.Popen([exe, "serve", "--bind", address, "--max-sessions", str(args.sessions + 2),
-                               "--max-new-tokens", str(args.max_new_tokens), *args.serve_arg],
-                              stdout=log, stderr=subprocess.STDOUT)
+    address = free_address()
+    daemon = DaemonProcess(serve_argv(address, "--max-sessions", str(args.sessions + 2), "--max-new-tokens",
+                                      str(args.max_new_tokens), *args.serve_arg), address, out / "daemon.log")
+    daemon.start()
     try:
-        with Client(address) as c:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    c.ping(timeout=1.0)
-                    break
-                except ClientError:
-                    if time.monotonic() > deadline or daemon.poll() is not None:
-                        raise SystemExit(f"the daemon did not start; see {out / 'daemon.log'}") from None
-        soak = Soak(args, address, daemon)
+        soak = Soak(args, address, daemon.proc)
         threads = [threading.Thread(target=soak.client, args=(k,), daemon=True) for k in range(args.sessions)]
         for t in threads:
             t.start()
@@ -288,19 +272,14 @@ def main(argv=None) -> int:
                    f"{sum(soak.restarts.values())} ({len(soak.kills)} kills); growth after warm-up "
                    + ", ".join(f"{k} {v:+g}" for k, v in grown.items()))
         doc = {"command": [sys.executable, *sys.argv], "settings": vars(args), "counts": dict(soak.counts),
-               "errors": dict(soak.errors), "error_messages": soak.messages, "kills": soak.kills, "restarts": soak.restarts, "growth": grown,
-               "summary": summary, "samples": soak.samples}
+               "errors": dict(soak.errors), "error_messages": soak.messages, "kills": soak.kills,
+               "restarts": soak.restarts, "growth": grown, "summary": summary, "samples": soak.samples}
         (out / "soak.json").write_text(json.dumps(doc, indent=1) + "\n")
         plot(doc, out / "soak.png")
         print(summary)
         print(f"wrote {out / 'soak.json'} and {out / 'soak.png'}", file=sys.stderr)
     finally:
-        daemon.terminate()
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        log.close()
+        daemon.stop()
     return 0
 
 

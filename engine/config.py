@@ -471,6 +471,16 @@ class VocoderOptions:
 SERVING_LEFT_CHUNKS = 1
 
 
+def parse_left_chunks(value: str) -> int | None:
+    """A flow window as a command line gives it: a number of chunks, or "all" (None: the exact official flow)."""
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected a number of chunks or 'all', got {value!r}") from None
+
+
 # ---------------------------------------------------------------------------------------- engine and daemon
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -194,7 +194,8 @@ class LLMStage:
             raise LLMError(f"turn id {uid} of session {turn.session_id!r} is not new (next is {s.next_uid})")
         wanted = set(s.uids if turn.history is None else turn.history)
         if not wanted <= set(s.uids):
-            raise LLMError(f"the conversation of session {turn.session_id!r} names turns {sorted(wanted - set(s.uids))} "
+            missing = sorted(wanted - set(s.uids))
+            raise LLMError(f"the conversation of session {turn.session_id!r} names turns {missing} "
                            "this stage does not hold (a restarted worker that was not given the conversation)")
         kept = [i for i, u in enumerate(s.uids) if u in wanted]
         speech, uids, answers = [s.speech[i] for i in kept], [s.uids[i] for i in kept], [s.answers[i] for i in kept]

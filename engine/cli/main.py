@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from omni2.engine.config import SERVING_LEFT_CHUNKS, CheckpointError, ConfigError, VocoderOptions
+from omni2.engine.config import SERVING_LEFT_CHUNKS, CheckpointError, ConfigError, VocoderOptions, parse_left_chunks
 
 
 # -- make-checkpoint -------------------------------------------------------------------------------------------
@@ -107,12 +107,10 @@ def _add_vocoder_options(p: argparse.ArgumentParser) -> None:
 
 
 def _chunks(value: str) -> int | None:
-    if value == "all":
-        return None
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of chunks or 'all', got {value!r}") from None
+        return parse_left_chunks(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def vocoder_options(args: argparse.Namespace):

@@ -1,7 +1,7 @@
 """bench/soak.py for one minute inside the suite: two clients talking turn after turn with cancels, barge-ins,
 abandoned connections and malformed frames, and a stage worker SIGKILLed every 20 s. After warm-up nothing may
 creep: no /dev/shm segment, fd or thread more in the last third of the run than in the first (means of 1 s
-samples, per process, a restarting worker left out until it is ready), and RSS within RSS_BOUND_MB of where it
+samples, per process, none taken while a worker restarts), and RSS within RSS_BOUND_MB of where it
 was."""
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def test_a_minute_of_trouble_leaves_nothing_growing(tmp_path, tiny_ckpt, tiny_vo
     proc = subprocess.run(
         [sys.executable, str(BENCH / "soak.py"), "--sessions", "2", "--minutes", "1", "--kill-every", "20",
          "--sample-every", "1", "--warmup", "0.3", "--max-new-tokens", "8", "--out", str(out),
-         f"--serve-arg=--model-dir={tiny_ckpt}", f"--serve-arg=--vocoder-dir={tiny_vocoder}", "--serve-arg=--threads=1"],
+         f"--serve-arg=--model-dir={tiny_ckpt}", f"--serve-arg=--vocoder-dir={tiny_vocoder}",
+         "--serve-arg=--threads=1"],
         capture_output=True, text=True, timeout=420, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:] + (out / "daemon.log").read_text()[-4000:]
     doc = json.loads((out / "soak.json").read_text())
