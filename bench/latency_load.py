@@ -144,26 +144,24 @@ class _StageTrace:
                 "queued_max": max(self.queued, default=None)}
 
 
-async def _sample_status(address: str, token: str, traces: dict[str, _StageTrace], started: asyncio.Event,
-                         stop: asyncio.Event) -> None:
-    """Poll the daemon's status from before the first question until after the last answer: the first poll is the
-    baseline of the step counters and the last one comes two heartbeats after the end, so that every step of the
+async def _poll(c: AsyncClient, traces: dict[str, _StageTrace]) -> None:
+    st = await c.status(timeout=30)
+    for stage, s in st.get("stages", {}).items():
+        traces.setdefault(stage, _StageTrace()).add(s)
+
+
+async def _sample_status(c: AsyncClient, traces: dict[str, _StageTrace], stop: asyncio.Event) -> None:
+    """Poll the daemon's status until the cell ends, then once more two heartbeats later, so that every step of the
     cell has been reported (a step's count travels in the worker's next beat)."""
-    async with AsyncClient(address, token=token) as c:
-        while True:
-            last = stop.is_set()
-            if last:
-                await asyncio.sleep(FINAL_POLL_S)
-            st = await c.status(timeout=30)
-            for stage, s in st.get("stages", {}).items():
-                traces.setdefault(stage, _StageTrace()).add(s)
-            started.set()
-            if last:
-                return
-            try:
-                await asyncio.wait_for(stop.wait(), STATUS_EVERY_S)
-            except asyncio.TimeoutError:
-                pass
+    while True:
+        try:
+            await asyncio.wait_for(stop.wait(), STATUS_EVERY_S)
+        except asyncio.TimeoutError:
+            await _poll(c, traces)
+            continue
+        await asyncio.sleep(FINAL_POLL_S)
+        await _poll(c, traces)
+        return
 
 
 async def _session(address: str, token: str, k: int, load: Load, due: float, records: list, on_turn) -> None:
@@ -200,22 +198,17 @@ async def _drive(address: str, token: str, load: Load, on_turn) -> tuple[list[di
     arrivals = arrival_times(load.concurrency, load.arrivals, load.rate)
     records: list[dict] = []
     traces: dict[str, _StageTrace] = {}
-    started, stop = asyncio.Event(), asyncio.Event()
-    sampler = asyncio.create_task(_sample_status(address, token, traces, started, stop))
-    try:
-        polled = asyncio.ensure_future(started.wait())
-        await asyncio.wait({sampler, polled}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        polled.cancel()
-        if sampler.done():
-            sampler.result()  # the daemon did not answer a status request: its error, not a silent empty trace
-        if not started.is_set():
-            raise TimeoutError("the daemon did not answer a status request within 60 s")
+    stop = asyncio.Event()
+    async with AsyncClient(address, token=token) as c:
+        await _poll(c, traces)  # the step counters' baseline, before the first question
+        sampler = asyncio.create_task(_sample_status(c, traces, stop))
         start = time.perf_counter() + 0.5  # every session has opened before the first question ends
-        await asyncio.gather(*(_session(address, token, k, load, start + a, records, on_turn)
-                               for k, a in enumerate(arrivals)))
-    finally:
-        stop.set()
-        await sampler
+        try:
+            await asyncio.gather(*(_session(address, token, k, load, start + a, records, on_turn)
+                                   for k, a in enumerate(arrivals)))
+        finally:
+            stop.set()
+            await sampler
     for r in records:
         r["committed_s"] -= start
     records.sort(key=lambda r: (r["session"], r["turn"]))
