@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -58,8 +57,8 @@ def shm_sample(daemon_pid: int) -> dict:
 
 
 class Soak:
-    def __init__(self, args, address: str, daemon: subprocess.Popen):
-        self.args, self.address, self.daemon = args, address, daemon
+    def __init__(self, args, address: str, daemon_pid: int):
+        self.args, self.address, self.daemon_pid = args, address, daemon_pid
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
@@ -155,9 +154,9 @@ class Soak:
         next_kill = self.args.kill_every
         while not self.stop.wait(self.args.sample_every):
             t = time.monotonic() - self.t0
-            procs = {"daemon": (self.daemon.pid, True), **self.workers()}
+            procs = {"daemon": (self.daemon_pid, True), **self.workers()}
             pids = {name: pid for name, (pid, _) in procs.items()}
-            row = {"t": round(t, 1), "shm": shm_sample(self.daemon.pid)}
+            row = {"t": round(t, 1), "shm": shm_sample(self.daemon_pid)}
             for name, (pid, ready) in procs.items():
                 row[name] = proc_sample(pid)
                 if row[name] is not None:
@@ -258,7 +257,7 @@ def main(argv=None) -> int:
                                       str(args.max_new_tokens), *args.serve_arg), address, out / "daemon.log")
     daemon.start()
     try:
-        soak = Soak(args, address, daemon.proc)
+        soak = Soak(args, address, daemon.proc.pid)
         threads = [threading.Thread(target=soak.client, args=(k,), daemon=True) for k in range(args.sessions)]
         for t in threads:
             t.start()
