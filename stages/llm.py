@@ -17,6 +17,7 @@ import torch
 
 from omni2.engine.checkpoints.model_dir import THINKER_EXCLUDE, ModelDir
 from omni2.engine.config import Limits, SamplingParams
+from omni2.stages.decode_graph import DecodeGraphs
 from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, prefer_planless_attention
 from omni2.stages.sampling import sample
 
@@ -93,26 +94,33 @@ class _Detokenizer:
 
 
 class LLMStage:
-    """The thinker with a static KV cache of `limits.max_sessions` slots x `limits.max_context` positions."""
+    """The thinker with a static KV cache of `limits.max_sessions` slots x `limits.max_context` positions.
+
+    cuda_graphs: one-token steps run on fixed shapes (stages/decode_graph.py), replayed as CUDA graphs on a CUDA
+    device; on a CPU the same fixed-shape steps run eagerly (what tests them here)."""
 
     def __init__(self, lm: Qwen2LM, tokenizer, speech_token_id: int, eos_ids: tuple[int, ...],
-                 limits: Limits = Limits(), device="cpu", dtype=torch.float32):
+                 limits: Limits = Limits(), device="cpu", dtype=torch.float32, cuda_graphs: bool = False):
         prefer_planless_attention(device)
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.tok, self.speech_id, self.eos_ids = tokenizer, speech_token_id, frozenset(eos_ids)
         self.limits, self.device, self.dtype = limits, torch.device(device), dtype
-        self.cache = SlotKVCache(lm.cfg, limits.max_sessions, limits.max_context, self.device, dtype)
+        # With graphs, one slot more than sessions: the padding rows of a fixed-shape decode step write there.
+        slots = limits.max_sessions + (1 if cuda_graphs else 0)
+        self.cache = SlotKVCache(lm.cfg, slots, limits.max_context, self.device, dtype)
+        self.graphs = DecodeGraphs(self.lm, self.cache, limits.max_sessions) if cuda_graphs else None
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "LLM", LLMError)
 
     @classmethod
-    def from_checkpoint(cls, model_dir, limits: Limits = Limits(), device="cpu", dtype=torch.float32) -> LLMStage:
+    def from_checkpoint(cls, model_dir, limits: Limits = Limits(), device="cpu", dtype=torch.float32,
+                        cuda_graphs: bool = False) -> LLMStage:
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         with torch.device("meta"):
             lm = Qwen2LM(md.config.thinker)
         md.load_module(lm, "", exclude=THINKER_EXCLUDE, device=device, dtype=dtype)
         ids = md.special_ids()
-        return cls(lm, md.tokenizer(), ids.speech_token_id, ids.thinker_eos_ids, limits, device, dtype)
+        return cls(lm, md.tokenizer(), ids.speech_token_id, ids.thinker_eos_ids, limits, device, dtype, cuda_graphs)
 
     # -- session lifecycle -------------------------------------------------------------------------------
     def open(self, session_id: str, sampling: SamplingParams = SamplingParams()) -> None:
@@ -255,9 +263,12 @@ class LLMStage:
 
     @torch.inference_mode()
     def _forward(self, group: list[tuple[str, _Session]], new_items: list[list]) -> list[LLMToken]:
-        rows = [self._embed(s, items) for (_, s), items in zip(group, new_items)]
-        last, logits = forward_rows(self.lm, self.cache, [s.slot for _, s in group],
-                                    [len(s.cached) for _, s in group], rows)  # (B, H), (B, V)
+        slots, starts = [s.slot for _, s in group], [len(s.cached) for _, s in group]
+        if self.graphs is not None and all(len(items) == 1 and isinstance(items[0], int) for items in new_items):
+            last, logits = self.graphs.step(slots, starts, [items[0] for items in new_items])  # (B, H), (B, V)
+        else:
+            rows = [self._embed(s, items) for (_, s), items in zip(group, new_items)]
+            last, logits = forward_rows(self.lm, self.cache, slots, starts, rows)  # (B, H), (B, V)
         ids = sample(logits, [s.sampling for _, s in group], [s.counter for _, s in group]).tolist()
 
         out = []

@@ -18,6 +18,7 @@ from omni2.engine.checkpoints.model_dir import GENERATOR_EXCLUDE, PREFIX_GENERAT
 from omni2.engine.config import OFFICIAL_SAMPLING, ConfigError, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
+from omni2.stages.decode_graph import DecodeGraphs
 from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, prefer_planless_attention
 
 FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
@@ -100,7 +101,7 @@ class _Session:
 class TTSStage:
     def __init__(self, lm: Qwen2LM, gen: SpeechGenerator, sep_id: int, eos_id: int, unit0: int, n_units: int,
                  stream: StreamParams = StreamParams(), limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
-                 device="cpu", dtype=torch.float32):
+                 device="cpu", dtype=torch.float32, cuda_graphs: bool = False):
         prefer_planless_attention(device)
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.gen = gen.to(device=device, dtype=dtype).eval()
@@ -109,13 +110,18 @@ class TTSStage:
             raise ConfigError(f"unit ids {unit0}..{unit0 + n_units - 1} exceed the TTS vocab {lm.cfg.vocab_size}")
         self.stream, self.limits, self.opts = stream, limits, options
         self.device, self.dtype = torch.device(device), dtype
-        self.cache = SlotKVCache(lm.cfg, limits.max_sessions, options.max_context, self.device, dtype)
+        # With graphs, one slot more than sessions: the padding rows of a fixed-shape decode step write there. A
+        # re-prefilling baseline has no one-token steps to replay.
+        graphs = cuda_graphs and not options.reprefill
+        slots = limits.max_sessions + (1 if graphs else 0)
+        self.cache = SlotKVCache(lm.cfg, slots, options.max_context, self.device, dtype)
+        self.graphs = DecodeGraphs(self.lm, self.cache, limits.max_sessions, head=False) if graphs else None
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "TTS", TTSError)
 
     @classmethod
     def from_checkpoint(cls, model_dir, limits: Limits = Limits(), options: TTSOptions = TTSOptions(),
-                        device="cpu", dtype=torch.float32) -> TTSStage:
+                        device="cpu", dtype=torch.float32, cuda_graphs: bool = False) -> TTSStage:
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         cfg = md.config
         with torch.device("meta"):
@@ -125,7 +131,7 @@ class TTSStage:
         md.load_module(gen, PREFIX_GENERATOR, exclude=GENERATOR_EXCLUDE, device=device, dtype=dtype)
         ids = md.special_ids()
         return cls(lm, gen, ids.sep_id, ids.tts_eos_id, ids.unit0, ids.n_units, cfg.generator.stream, limits,
-                   options, device, dtype)
+                   options, device, dtype, cuda_graphs)
 
     # -- session lifecycle -------------------------------------------------------------------------------
     def open(self, session_id: str, sampling: SamplingParams = OFFICIAL_SAMPLING) -> None:
@@ -169,28 +175,25 @@ class TTSStage:
         writers = [(sid, s) for sid, s in self.sessions.items() if s.budget > 0]
         if not writers:
             return []
-        rows = []
-        for _, s in writers:
-            if s.pending is not None:
-                rows.append(s.pending)
-            else:
-                rows.append(self.lm.embed(torch.tensor([s.last], device=self.device)))
+        # Positions each writer appends: a chunk's prefill, or its last token fed back.
+        sizes = [1 if s.pending is None else s.pending.shape[0] for _, s in writers]
         if self.opts.reprefill:
-            for (_, s), r in zip(writers, rows):
-                s.history.append(r)
-            rows = [torch.cat(s.history) if s.pending is not None else r for (_, s), r in zip(writers, rows)]
+            for _, s in writers:
+                s.history.append(s.pending if s.pending is not None
+                                 else self.lm.embed(torch.tensor([s.last], device=self.device)))
+            sizes = [1 if s.pending is None else sum(h.shape[0] for h in s.history) for _, s in writers]
             starts = [0 if s.pending is not None else s.pos for _, s in writers]
         else:
             starts = [s.pos for _, s in writers]
-        too_long = [sid for (sid, _), st, r in zip(writers, starts, rows) if st + r.shape[0] > self.opts.max_context]
+        too_long = [sid for (sid, _), st, n in zip(writers, starts, sizes) if st + n > self.opts.max_context]
         if too_long:
             raise TTSError(f"sessions {too_long} exceed the TTS context of {self.opts.max_context} positions")
         with torch.inference_mode():
-            hidden, _ = forward_rows(self.lm, self.cache, [s.slot for _, s in writers], starts, rows, head=False)
+            hidden = self._forward([s for _, s in writers], starts)
             ids = self._decode(hidden, [s for _, s in writers]).tolist()
         out = []
-        for (sid, s), st, r, tok in zip(writers, starts, rows, ids):
-            s.pos, s.pending, s.last = st + r.shape[0], None, tok
+        for (sid, s), st, n, tok in zip(writers, starts, sizes, ids):
+            s.pos, s.pending, s.last = st + n, None, tok
             s.counter += 1
             s.budget -= 1
             end = tok == self.eos_id or s.budget == 0
@@ -202,6 +205,28 @@ class TTSStage:
             if done:
                 self.sessions[sid] = _Session(s.slot, s.sampling, counter=s.counter)
         return out
+
+    def _forward(self, writers: list[_Session], starts: list[int]) -> torch.Tensor:
+        """The TTS LM over every writer's new positions -> each one's last final-norm hidden state (B, H). With
+        graphs, the one-token rows take the fixed-shape step and the chunk prefills a forward of their own."""
+        def row(s: _Session) -> torch.Tensor:
+            if self.opts.reprefill and s.pending is not None:
+                return torch.cat(s.history)
+            return s.pending if s.pending is not None else self.lm.embed(torch.tensor([s.last], device=self.device))
+
+        slots = [s.slot for s in writers]
+        if self.graphs is None:
+            return forward_rows(self.lm, self.cache, slots, starts, [row(s) for s in writers], head=False)[0]
+        one = [b for b, s in enumerate(writers) if s.pending is None]
+        many = [b for b, s in enumerate(writers) if s.pending is not None]
+        hidden = torch.empty(len(writers), self.lm.cfg.hidden_size, device=self.device, dtype=self.dtype)
+        if one:
+            hidden[one] = self.graphs.step([slots[b] for b in one], [starts[b] for b in one],
+                                           [writers[b].last for b in one])[0]
+        if many:
+            hidden[many] = forward_rows(self.lm, self.cache, [slots[b] for b in many], [starts[b] for b in many],
+                                        [row(writers[b]) for b in many], head=False)[0]
+        return hidden
 
     def _decode(self, hidden: torch.Tensor, sessions: list[_Session]) -> torch.Tensor:
         """Head + sampling of one step (B, H) -> TTS ids (B,); without units_only over the full vocab, as official."""

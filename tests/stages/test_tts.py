@@ -170,6 +170,39 @@ def test_sessions_batched_equal_each_alone(md, stage_factory):
     assert [got[f"s{i}"] for i in range(4)] == alone
 
 
+def test_fixed_shape_decode_steps_give_the_same_units(md):
+    """cuda_graphs=True (on a CPU: the fixed-shape steps run eagerly): sessions at different points of their replies,
+    prefilling and decoding in the same steps, write the units the dynamic step writes."""
+    replies = [reply(md, n, 30 + n) for n in (4, 9, 1, 14)]
+    params = [SamplingParams(1.0, 50, 1.0, seed=i) for i in range(4)]
+
+    def run(cuda_graphs):
+        st = TTSStage.from_checkpoint(md, Limits(max_sessions=4), cuda_graphs=cuda_graphs)
+        got = {f"s{i}": [] for i in range(4)}
+        for i in range(4):
+            st.open(f"s{i}", params[i])
+        fed = [0] * 4
+        while True:  # two thinker tokens per step and session, so chunks start while others are mid-write
+            inputs = []
+            for i, (ids, h) in enumerate(replies):
+                n = min(2, len(ids) - fed[i])
+                if n:
+                    inputs.append(TTSInput(f"s{i}", ids[fed[i]:fed[i] + n], h[fed[i]:fed[i] + n],
+                                           final=fed[i] + n == len(ids)))
+                    fed[i] += n
+            outs = st.step(inputs)
+            if not outs and not inputs:
+                return got, st
+            for t in outs:
+                got[t.session_id].append(t.token_id)
+
+    dynamic, _ = run(False)
+    fixed, st = run(True)
+    assert fixed == dynamic
+    assert sum(len(v) for v in fixed.values()) > 40
+    assert st.graphs is not None and len(st.graphs.steps) >= 2  # the fixed-shape path ran, at several batch sizes
+
+
 def test_options_units_only_and_offline(md, stage_factory):
     sp = md.special_ids()
     ids, h = reply(md, 10, 5)

@@ -1,0 +1,120 @@
+"""The fixed-shape decode step (stages/decode_graph.py) against the dynamic one (layers.forward_rows) on the same
+weights and caches: same tokens, logits to fp32 rounding, whatever rows take part in a step; padding never touches a
+session's keys. On CUDA, the captured graphs replay what the eager fixed-shape step computes."""
+import pytest
+import torch
+
+from omni2.engine.config import Qwen2Config
+from omni2.stages.decode_graph import MIN_KEYS, DecodeGraphs, bucket
+from omni2.stages.layers import Qwen2LM, SlotKVCache, forward_rows
+
+CFG = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6)
+SLOTS, MAX_LEN = 9, 160  # slot 8 is the spare
+
+
+def model(seed: int = 0, device="cpu") -> Qwen2LM:
+    torch.manual_seed(seed)
+    lm = Qwen2LM(CFG).eval()
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return lm.to(device)
+
+
+def prefilled(lm: Qwen2LM, slots: list[int], lengths: list[int], device="cpu") -> SlotKVCache:
+    cache = SlotKVCache(CFG, SLOTS, MAX_LEN, device, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    rows = [lm.embed(torch.randint(0, CFG.vocab_size, (n,), generator=g).to(device)) for n in lengths]
+    forward_rows(lm, cache, slots, [0] * len(slots), rows)
+    return cache
+
+
+def copy(cache: SlotKVCache) -> SlotKVCache:
+    out = SlotKVCache(CFG, cache.slots, cache.max_len, cache.k[0].device, cache.k[0].dtype)
+    for a, b in zip(out.k + out.v, cache.k + cache.v):
+        a.copy_(b)
+    return out
+
+
+def schedule(step: int, slots: list[int]) -> list[int]:
+    """Which rows take part in a step: all, then subsets (rows come and go as sessions read text or finish)."""
+    if step % 7 == 3:
+        return slots[:1]
+    if step % 5 == 1 and len(slots) > 1:
+        return slots[1::2]
+    return slots
+
+
+def decode_both(lm, slots, lengths, steps, device="cpu", capture=False):
+    """Greedy decode of the same sessions through both paths; per step, each path's (tokens, logits)."""
+    with torch.inference_mode():
+        dyn_cache = prefilled(lm, slots, lengths, device)
+        fix_cache = copy(dyn_cache)
+        graphs = DecodeGraphs(lm, fix_cache, max_batch=8, capture=capture)
+        pos = dict(zip(slots, lengths))
+        last = {s: (7 * s) % CFG.vocab_size for s in slots}
+        out = []
+        for i in range(steps):
+            part = schedule(i, slots)
+            starts, ids = [pos[s] for s in part], [last[s] for s in part]
+            rows = [lm.embed(torch.tensor([t], device=device)) for t in ids]
+            _, dyn = forward_rows(lm, dyn_cache, part, starts, rows)
+            _, fix = graphs.step(part, starts, ids)
+            out.append((part, dyn.clone(), fix.clone()))
+            for s, t in zip(part, dyn.argmax(-1).tolist()):
+                pos[s] += 1
+                last[s] = t
+        return out, dyn_cache, fix_cache, graphs
+
+
+def test_buckets_are_powers_of_two_within_their_bounds():
+    assert [bucket(n, 1, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
+    assert [bucket(n, MIN_KEYS, 160) for n in (1, 64, 65, 129, 160)] == [64, 64, 128, 160, 160]
+
+
+@pytest.mark.parametrize("slots", [[3, 0, 6, 1, 4], [2]])
+def test_fixed_shape_steps_equal_the_dynamic_step(slots):
+    lm = model()
+    lengths = [5, 58, 1, 31, 60][: len(slots)]
+    steps, dyn_cache, fix_cache, graphs = decode_both(lm, slots, lengths, 40)
+    tokens = []
+    for part, dyn, fix in steps:
+        assert dyn.argmax(-1).tolist() == fix.argmax(-1).tolist(), part
+        assert (dyn - fix).abs().max().item() < 1e-5, part
+        tokens += dyn.argmax(-1).tolist()
+    assert len(set(tokens)) > 10  # varied tokens, not one repeated id
+    if len(slots) > 1:  # rows 5 -> 8, 2 -> 2, 1 -> 1; keys crossed 64 -> 128
+        assert {r for r, _ in graphs.steps} == {8, 2, 1} and {k for _, k in graphs.steps} == {64, 128}
+    # Every session's keys equal the dynamic path's, and no other slot was written (the spare is padding's).
+    used = torch.tensor(slots)
+    others = torch.tensor([s for s in range(SLOTS - 1) if s not in slots])
+    for a, b in zip(dyn_cache.k + dyn_cache.v, fix_cache.k + fix_cache.v):
+        assert (a[used] - b[used]).abs().max().item() < 1e-5
+        assert torch.equal(b[others], torch.zeros_like(b[others]))
+
+
+def test_bad_steps_are_clear_errors():
+    lm = model()
+    graphs = DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), max_batch=4)
+    with pytest.raises(ValueError, match="belongs to no session"):
+        graphs.step([0, 8], [1, 1], [2, 3])
+    with pytest.raises(ValueError, match="1..4 rows"):
+        graphs.step(list(range(5)), [1] * 5, [2] * 5)
+    with pytest.raises(ValueError, match="past the cache"):
+        graphs.step([0], [MAX_LEN], [2])
+    with pytest.raises(ValueError, match="CUDA device"):
+        DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), max_batch=4, capture=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_equal_the_eager_fixed_shape_step():
+    lm = model(device="cuda")
+    slots, lengths = [3, 0, 6, 1, 4], [5, 58, 1, 31, 60]
+    eager, *_ = decode_both(lm, slots, lengths, 40, "cuda", capture=False)
+    graphed, _, _, graphs = decode_both(lm, slots, lengths, 40, "cuda", capture=True)
+    assert all(s.graph is not None for s in graphs.steps.values())
+    for (part, dyn, fix_eager), (_, _, fix_graph) in zip(eager, graphed):
+        assert torch.equal(fix_eager, fix_graph), part  # the same kernels on the same shapes
+        assert dyn.argmax(-1).tolist() == fix_graph.argmax(-1).tolist(), part
