@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should measure, in one call and under 8 minutes, into one results folder:
 #   1. the CUDA-only tests (skipped on a CPU; each names cuda or gpu)                      at most 50 s
-#   2. where a TTS step's and a vocoder write's time goes (bench/profile_step.py)          at most 45 s
-#   3. the latency sweep, 0.5b in bf16, 1/8/32/64 sessions (bench/latency.py)             at most 100 s
+#   2. where a TTS step (dynamic, and replayed as CUDA graphs) and a vocoder write's
+#      time goes (bench/profile_step.py)                                                  at most 45 s
+#   3. the latency sweep, 0.5b in bf16, 1/8/32/64 sessions (bench/latency.py), with
+#      --cuda-graphs when step 1 passed (its tests replay graphs against eager steps)      at most 100 s
 #   4. the kernels' bandwidth against their references (bench/kernels.py)                at most 30 s
 #   5. the 0.5b TTS LM and vocoder per chunk as a reply grows, and the vocoder's
 #      throughput batched vs one by one at 1/16/64 sessions (bench/tts_vocoder.py)       at most 30 + 40 s
@@ -37,7 +39,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, its output to th
     if (( $(left) < 15 )); then
         echo "=== $name SKIPPED: $(left) s left of the budget" | tee "$OUT/$name.log"
         failed=1
-        return
+        return 1
     fi
     (( limit > $(left) )) && limit=$(left)
     echo "=== $name (limit ${limit}s): $*"
@@ -45,9 +47,9 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, its output to th
     if ! timeout --kill-after=$GRACE "$limit" "$@" 2>&1 | tee "$OUT/$name.log"; then
         echo "=== $name FAILED after $((SECONDS - t0)) s" | tee -a "$OUT/$name.log"
         failed=1
-    else
-        echo "=== $name done in $((SECONDS - t0)) s"
+        return 1
     fi
+    echo "=== $name done in $((SECONDS - t0)) s"
 }
 
 {
@@ -69,8 +71,9 @@ writer=$!
 # Nothing outlives the budget: the writer is stopped (with its children) when the script ends, whatever the reason.
 trap 'kill -- -$writer 2>/dev/null || kill $writer 2>/dev/null' EXIT
 
+graphs=""
 step cuda-tests 50 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "cuda or gpu" \
-    tests/kernels tests/stages
+    tests/kernels tests/stages && graphs=--cuda-graphs
 # Where a step's time goes (wall vs kernel time, launches, top ops): the first thing to read when a sweep is slow.
 step profile 45 "$PY" bench/profile_step.py --preset 0.5b --root "$CKPT" --device cuda --sessions 1 16 --rows 10
 # One turn per session and short replies: the sweep is about first audio under load, and a random TTS LM's
@@ -79,7 +82,7 @@ step profile 45 "$PY" bench/profile_step.py --preset 0.5b --root "$CKPT" --devic
 latency() {  # latency PRESET SECONDS
     step "latency-$1" "$2" "$PY" bench/latency.py --preset "$1" --ckpt-root "$CKPT/$1" --placement cuda \
         --dtype bfloat16 --concurrency 1 8 32 64 --rate 8 --turns 1 --seconds 2 --max-new-tokens 24 --seeds 28 \
-        --skip-reference --out "$OUT/latency-$1"
+        --skip-reference $graphs --out "$OUT/latency-$1"
 }
 latency 0.5b 100
 step kernels 30 "$PY" bench/kernels.py --device cuda --batch 1 8 64

@@ -147,6 +147,7 @@ def single_process(model_dir: Path, vocoder_dir: Path, cfg: Config, baseline: bo
     schedule, hop = cfg.baseline_schedule(args.baseline_schedule) if baseline else (cfg.schedule, cfg.token_hop)
     pipe = ReferencePipeline(model_dir, vocoder_dir, device="cpu" if args.placement == "cpu" else "cuda",
                              dtype=getattr(torch, args.dtype), baseline=baseline,
+                             cuda_graphs=args.cuda_graphs and not baseline,
                              limits=Limits(max_sessions=1, max_new_tokens=args.max_new_tokens),
                              tts_options=TTSOptions(offline=cfg.mode == "offline"),
                              vocoder_options=VocoderOptions(schedule=schedule, token_hop=hop,
@@ -324,6 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vocoder-left-chunks", type=parse_left_chunks, default=SERVING_LEFT_CHUNKS, metavar="K|all",
                     help=f"the flow's window for ours, engine and reference (default {SERVING_LEFT_CHUNKS}, as serve); "
                          "all = the exact official flow. The baseline is always exact")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="ours (daemon and reference) replay the LLM's and TTS LM's decode steps as CUDA graphs")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds without an event before a turn fails")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-reference", action="store_true", help="check replies against the baseline instead")
@@ -361,7 +364,7 @@ def device(args) -> dict:
     import torch
 
     cuda = args.placement != "cpu" and torch.cuda.is_available()
-    return {"placement": args.placement, "dtype": args.dtype,
+    return {"placement": args.placement, "dtype": args.dtype, "cuda_graphs": args.cuda_graphs,
             "name": torch.cuda.get_device_name(0) if cuda else "cpu", "cuda": torch.version.cuda if cuda else None}
 
 
@@ -422,7 +425,8 @@ def main(argv=None) -> int:
                 spec = DaemonSpec(str(variant), str(vocoder_dir), placement=args.placement, dtype=args.dtype,
                                   threads=threads, max_sessions=max(args.concurrency),
                                   max_new_tokens=args.max_new_tokens, schedule=schedule, token_hop=hop,
-                                  left_chunks=args.vocoder_left_chunks, offline=mode == "offline")
+                                  left_chunks=args.vocoder_left_chunks, offline=mode == "offline",
+                                  cuda_graphs=args.cuda_graphs)
                 daemon = bench_daemon(spec, out / "logs" / f"daemon-r{r}w{w}-{schedule}{hop or ''}-{mode}.log")
                 address = daemon.start()
             try:

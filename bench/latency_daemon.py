@@ -30,6 +30,7 @@ class DaemonSpec:
     token_hop: int | None = None
     left_chunks: int | None = None  # the flow's window; None = the exact official flow
     offline: bool = False
+    cuda_graphs: bool = False
     # A worker's heartbeat thread shares the GIL with its step: on a loaded 2-core machine the default 1 s would
     # restart healthy workers mid-sweep and show up as failed turns, not as latency.
     hang_s: float = 10.0
@@ -56,7 +57,7 @@ def _serve(spec: DaemonSpec, bind: str) -> int:
                           stream_params=StreamParams.parse(raw.get("stream_params")).to_str())
     engine = EngineConfig(spec.model_dir, spec.vocoder_dir, placement=spec.placement, dtype=spec.dtype,
                           limits=limits, threads=spec.threads, hang_s=spec.hang_s,
-                          tts_options=TTSOptions(offline=spec.offline),
+                          tts_options=TTSOptions(offline=spec.offline), cuda_graphs=spec.cuda_graphs,
                           vocoder_options=VocoderOptions(schedule=spec.schedule, token_hop=spec.token_hop,
                                                          left_chunks=spec.left_chunks))
     return serve(server, engine)

@@ -1,4 +1,5 @@
-"""Where one step's time goes: a TTS LM decode step and a live vocoder write, under torch.profiler.
+"""Where one step's time goes: a TTS LM decode step (dynamic, and on fixed shapes replayed as CUDA graphs) and a
+live vocoder write, under torch.profiler.
 
     .venv/bin/python bench/profile_step.py --preset tiny
     python3 bench/profile_step.py --preset 0.5b --device cuda --root /tmp/ck   # on a GPU machine
@@ -6,7 +7,8 @@
 For each: the wall time of a step (median of --iters, synchronised), the device time its kernels took, how many
 kernels it launched, and the ops that cost the most host (CPU) time and device time. A step whose kernels take a
 small part of its wall time is bound by the host: Python and launch overhead, which CUDA graphs remove; one whose
-kernels fill it is bound by the device.
+kernels fill it is bound by the device. On a CPU the fixed-shape TTS step runs eagerly: what it shows there is the
+cost of its padding, not of graphs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from harness import bench_dtype, preset_dirs, timed
 from torch.profiler import ProfilerActivity, profile
 
 from omni2.engine.checkpoints.model_dir import ModelDir
-from omni2.engine.config import Limits, SamplingParams, TTSOptions, VocoderOptions
+from omni2.engine.config import SERVING_LEFT_CHUNKS, Limits, SamplingParams, TTSOptions, VocoderOptions
 from omni2.stages.tts import TTSInput, TTSStage
 from omni2.stages.vocoder import VocoderInput, VocoderStage
 
@@ -29,9 +31,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def tts_step(md: ModelDir, device, dtype, sessions: int):
+def tts_step(md: ModelDir, device, dtype, sessions: int, cuda_graphs: bool = False):
     """A callable running one decode step of `sessions` sessions (each mid-chunk, EOS disabled)."""
-    stage = TTSStage.from_checkpoint(md, Limits(max_sessions=sessions), TTSOptions(), device=device, dtype=dtype)
+    stage = TTSStage.from_checkpoint(md, Limits(max_sessions=sessions), TTSOptions(), device=device, dtype=dtype,
+                                     cuda_graphs=cuda_graphs)
     stage.eos_id = -1
     R, H = stage.stream.read, md.config.thinker.hidden_size
     g = torch.Generator().manual_seed(0)
@@ -86,7 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1], help="sessions per step")
-    ap.add_argument("--left-chunks", type=int, default=2, help="the vocoder's window (the serving default)")
+    ap.add_argument("--left-chunks", type=int, default=SERVING_LEFT_CHUNKS,
+                    help=f"the vocoder's window (default {SERVING_LEFT_CHUNKS}, the serving default)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rows", type=int, default=12, help="ops per table")
@@ -101,8 +105,11 @@ def main(argv=None) -> None:
           f"torch threads {torch.get_num_threads()}")
     for n in args.sessions:
         if args.only in (None, "tts"):
-            report(f"TTS decode step, {n} session(s)", tts_step(ModelDir(model_dir), device, dtype, n), device,
-                   args.warmup, args.iters, args.rows)
+            for graphs in (False, True):
+                name = "fixed shapes, CUDA graphs" if device.type == "cuda" else "fixed shapes, eager"
+                report(f"TTS decode step, {n} session(s), {name if graphs else 'dynamic'}",
+                       tts_step(ModelDir(model_dir), device, dtype, n, graphs), device, args.warmup, args.iters,
+                       args.rows)
         if args.only in (None, "vocoder"):
             report(f"vocoder live write of 10 units, {n} session(s), window {args.left_chunks}",
                    vocoder_write(vocoder_dir, device, dtype, n, args.left_chunks), device, args.warmup, args.iters,

@@ -29,15 +29,17 @@ from omni2.stages.vocoder import VocoderInput, VocoderStage
 class ReferencePipeline:
     def __init__(self, model_dir: str | Path | ModelDir, vocoder_dir: str | Path, *, device="cpu",
                  dtype=torch.float32, limits: Limits = Limits(), tts_options: TTSOptions = TTSOptions(),
-                 vocoder_options: VocoderOptions = VocoderOptions(), baseline: bool = False):
+                 vocoder_options: VocoderOptions = VocoderOptions(), baseline: bool = False,
+                 cuda_graphs: bool = False):
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         if baseline:
             tts_options = replace(tts_options, reprefill=True)
             vocoder_options = replace(vocoder_options, mode="recompute")
         self.limits = limits
         self.asr = ASRStage.from_checkpoint(md, device=device, dtype=dtype)
-        self.llm = LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype)
-        self.tts = TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype)
+        self.llm = LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
+        self.tts = TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype,
+                                            cuda_graphs=cuda_graphs)
         self.vocoder = VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options, device=device, dtype=dtype)
         self.read = self.tts.stream.read
         self.sessions: dict[str, SessionOptions] = {}

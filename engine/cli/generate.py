@@ -66,7 +66,7 @@ def _generate(args) -> int:
     limits = Limits(max_sessions=1, max_new_tokens=args.max_new_tokens or Limits().max_new_tokens)
     print(f"loading {args.model_dir} and {args.vocoder_dir} ...", file=sys.stderr)
     pipe = ReferencePipeline(args.model_dir, args.vocoder_dir, device=args.device, limits=limits,
-                             vocoder_options=vocoder_options(args))
+                             vocoder_options=vocoder_options(args), cuda_graphs=args.cuda_graphs)
     opts = session_options(args.seed, args.greedy, args.voice, args.max_new_tokens)
     reply = run_turn(pipe, samples, sr, opts, on_text=lambda t: print(t, end="", flush=True))
     print()

@@ -136,6 +136,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voice", default="default", help="speaker voice name (see `omni2-engine voice list`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the thinker's and the TTS LM's one-token steps as CUDA graphs "
+                        "(fewer kernel launches: a GPU's decode steps are bound by them otherwise)")
+
     _add_vocoder_options(p)
     p.set_defaults(func=_run_generate)
 
@@ -173,6 +177,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per stage worker (default: every core; docs/ARCHITECTURE.md, \"Threads\")")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the thinker's and the TTS LM's one-token steps as CUDA graphs "
+                        "(fewer kernel launches: a GPU's decode steps are bound by them otherwise)")
     p.add_argument("--vocoder-memory", type=float, default=None, metavar="GB",
                    help="admit a session only while the vocoder state of the longest replies still fits in GB "
                         "(default: no check); refused opens get engine_full")
@@ -271,7 +278,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     budget = None if args.vocoder_memory is None else int(args.vocoder_memory * 1e9)
     engine_cfg = EngineConfig(model_dir=str(model_dir), vocoder_dir=str(vocoder_dir), placement=args.placement,
                               dtype=args.dtype, limits=limits, threads=args.threads, hang_s=args.hang_timeout,
-                              vocoder_options=vocoder_options(args), vocoder_memory_bytes=budget)
+                              vocoder_options=vocoder_options(args), vocoder_memory_bytes=budget,
+                              cuda_graphs=args.cuda_graphs)
 
     from omni2.engine.runtime import EngineError
     from omni2.engine.serve.daemon import serve

@@ -205,7 +205,7 @@ class Engine:
             workers = {s: WorkerSpec(s, str(cfg.model_dir), str(cfg.vocoder_dir), self.placement.devices[s],
                                      cfg.dtype, cfg.limits, cfg.tts_options, cfg.vocoder_options, ctl_addr,
                                      self._specs, self.prefix, self.ipc_dir, os.getpid(), cfg.heartbeat_s,
-                                     cfg.asr_batch, threads) for s in STAGES}
+                                     cfg.asr_batch, threads, cfg.cuda_graphs) for s in STAGES}
             self._sup = Supervisor(workers, hang_s=cfg.hang_s, step_timeout_s=cfg.step_timeout_s)
             log.info("starting %d stage workers (%s, %s, %d torch threads each)", len(STAGES), cfg.placement,
                      cfg.dtype, threads)

@@ -423,7 +423,7 @@ class VocoderRunner(Runner):
 
 def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: torch.dtype, limits: Limits,
           tts_options: TTSOptions = TTSOptions(), vocoder_options: VocoderOptions = VocoderOptions(),
-          asr_batch: int = 4) -> Runner:
+          asr_batch: int = 4, cuda_graphs: bool = False) -> Runner:
     """Load one stage from the official directories and wrap it."""
     if stage == "vocoder":
         return VocoderRunner(VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options,
@@ -432,7 +432,8 @@ def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: t
     if stage == "asr":
         return AsrRunner(ASRStage.from_checkpoint(md, device=device, dtype=dtype), limits, asr_batch)
     if stage == "llm":
-        return LlmRunner(LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype))
+        return LlmRunner(LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype, cuda_graphs=cuda_graphs))
     if stage == "tts":
-        return TtsRunner(TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype))
+        return TtsRunner(TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype,
+                                                  cuda_graphs=cuda_graphs))
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

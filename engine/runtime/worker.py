@@ -85,6 +85,7 @@ class WorkerSpec:
     heartbeat_s: float = 0.2
     asr_batch: int = 4
     threads: int = 1  # torch threads (EngineConfig.worker_threads)
+    cuda_graphs: bool = False
 
 
 def main(spec: WorkerSpec) -> None:
@@ -131,7 +132,8 @@ class Worker:
         t0 = time.perf_counter()
         self.runner = build(self.stage, spec.model_dir, spec.vocoder_dir, device=spec.device,
                             dtype=DTYPES[spec.dtype], limits=spec.limits, tts_options=spec.tts_options,
-                            vocoder_options=spec.vocoder_options, asr_batch=spec.asr_batch)
+                            vocoder_options=spec.vocoder_options, asr_batch=spec.asr_batch,
+                            cuda_graphs=spec.cuda_graphs)
         log.info("loaded on %s in %.1f s", spec.device, time.perf_counter() - t0)
         self.stream = torch.cuda.Stream() if cuda else None  # each stage computes on a stream of its own
         threads = []

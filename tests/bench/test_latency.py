@@ -42,7 +42,8 @@ def test_json_matches_the_schema(doc):
     assert latency_schema.validate(doc) == []
     assert doc["schema"] == latency_schema.SCHEMA_ID
     assert doc["command"][-1] == str(doc["command"][-1]) and "--quick" in doc["command"]
-    assert doc["device"] == {"placement": "cpu", "dtype": "float32", "name": "cpu", "cuda": None}
+    assert doc["device"] == {"placement": "cpu", "dtype": "float32", "cuda_graphs": False, "name": "cpu",
+                             "cuda": None}
     assert doc["settings"]["systems"] == ["engine", "baseline", "reference"]
 
 
