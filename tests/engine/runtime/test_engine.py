@@ -2,7 +2,9 @@
 eight at once and two turns; cancellation; a stalled consumer; malformed input reaching a worker.
 
 One engine serves the whole module (starting four workers costs seconds); `make test` (--dist loadfile) keeps
-the module on one test process.
+the module on one test process. It runs its thinker's and TTS LM's one-token steps on fixed shapes (`cuda_graphs`,
+eager on a CPU: stages/decode_graph.py) and the reference the dynamic steps, so every equality here also holds
+across the two paths; the other engine and daemon tests run the dynamic steps.
 """
 import threading
 import time
@@ -43,7 +45,7 @@ def engine(tiny_ckpt, tiny_vocoder):
     # Two slots per ring: every test also runs under constant backpressure. Hang detection is relaxed here (a
     # loaded CI box must not cost a worker); test_runtime_faults.py holds it to the 1 s default.
     eng = StallableEngine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), limits=LIMITS, ring_slots=2, hang_s=5.0,
-                                       threads=1)).start()
+                                       threads=1, cuda_graphs=True)).start()
     yield eng
     eng.stop()
 
