@@ -12,8 +12,9 @@ So the step is rebuilt on fixed shapes:
 * every index a layer reads (slots, positions, token ids) lives in a preallocated buffer that each step overwrites
   in place, and the mask and rotary tables are computed inside the step from those buffers.
 
-One graph is captured per (rows, keys) bucket the first time it is needed, all in one memory pool. Without CUDA
-(or with `capture=False`) the same fixed-shape step runs eagerly: that is how its equality with the dynamic step
+One graph is captured per (rows, keys) bucket, all in one memory pool: every bucket by `warm()` (what a stage does
+when it loads on a GPU, so that no reply waits for a capture), or each the first time it is needed. Without CUDA (or
+with `capture=False`) the same fixed-shape step runs eagerly: that is how its equality with the dynamic step
 (`layers.forward_rows`) is tested on a CPU.
 """
 from __future__ import annotations
@@ -114,6 +115,29 @@ class DecodeGraphs:
         """The (rows, keys) bucket of a step over n_rows rows whose longest needs `longest` keys."""
         return bucket(n_rows, 1, self.max_batch), bucket(longest, MIN_KEYS, self.cache.max_len)
 
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, keys) bucket a step can fall in."""
+        rows = sorted({bucket(n, 1, self.max_batch) for n in range(1, self.max_batch + 1)})
+        keys = sorted({bucket(n, MIN_KEYS, self.cache.max_len) for n in range(1, self.cache.max_len + 1)})
+        return [(r, k) for r in rows for k in keys]
+
+    @torch.inference_mode()
+    def warm(self) -> int:
+        """Prepare every bucket now (capture its graph, on CUDA); returns how many there are. Captures run only
+        the padding rows, which write nothing a session owns."""
+        for shape in self.shapes():
+            self._prepare(shape)
+        return len(self.steps)
+
+    def _prepare(self, shape: tuple[int, int]) -> _Step:
+        step = self.steps.get(shape)
+        if step is None:
+            step = self.steps[shape] = _Step(self.lm, self.cache, *shape, self.head, self.device)
+            if self.capture:
+                self._load(step, [self.spare_slot] * shape[0], [0] * shape[0], [0] * shape[0])
+                step.capture(self.pool)
+        return step
+
     @torch.inference_mode()
     def step(self, slots: list[int], starts: list[int], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Row b feeds token ids[b] to slot slots[b] at position starts[b]. Returns the final-norm hidden (B, H)
@@ -127,12 +151,7 @@ class DecodeGraphs:
         if max(starts) >= self.cache.max_len:
             raise ValueError(f"position {max(starts)} is past the cache's {self.cache.max_len}")
         rows, kv_len = self.shape(n, max(starts) + 1)
-        step = self.steps.get((rows, kv_len))
-        if step is None:
-            step = self.steps[(rows, kv_len)] = _Step(self.lm, self.cache, rows, kv_len, self.head, self.device)
-            self._load(step, [self.spare_slot] * rows, [0] * rows, [0] * rows)
-            if self.capture:
-                step.capture(self.pool)
+        step = self._prepare((rows, kv_len))
         pad = rows - n
         self._load(step, [*slots, *[self.spare_slot] * pad], [*starts, *[0] * pad], [*ids, *[0] * pad])
         step.replay()

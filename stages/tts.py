@@ -116,6 +116,8 @@ class TTSStage:
         slots = limits.max_sessions + (1 if graphs else 0)
         self.cache = SlotKVCache(lm.cfg, slots, options.max_context, self.device, dtype)
         self.graphs = DecodeGraphs(self.lm, self.cache, limits.max_sessions, head=False) if graphs else None
+        if self.graphs is not None and self.graphs.capture:
+            self.graphs.warm()  # at load: no reply waits for a capture
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "TTS", TTSError)
 

@@ -95,6 +95,30 @@ def test_fixed_shape_steps_equal_the_dynamic_step(slots):
         assert torch.equal(b[others], torch.zeros_like(b[others]))
 
 
+def warm_and_step(device: str, capture: bool):
+    """Warm every bucket over a cache two sessions hold, then step them: (session keys before, after warming, the
+    step's logits, the graphs)."""
+    lm = model(device=device)
+    with torch.inference_mode():
+        cache = prefilled(lm, [0, 5], [7, 30], device)
+        before = [t[:SLOTS - 1].clone() for t in cache.k + cache.v]
+        graphs = DecodeGraphs(lm, cache, max_batch=6, capture=capture)
+        assert graphs.warm() == 4 * 3  # rows 1, 2, 4, 6 x keys 64, 128, 160
+        after = [t[:SLOTS - 1].clone() for t in cache.k + cache.v]
+        _, logits = graphs.step([0, 5], [7, 30], [11, 12])
+    return before, after, logits, graphs
+
+
+def test_warming_prepares_every_bucket():
+    before, after, logits, graphs = warm_and_step("cpu", capture=False)
+    assert sorted(graphs.steps) == [(r, k) for r in (1, 2, 4, 6) for k in (64, 128, 160)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    with torch.inference_mode():  # a warmed bucket steps as a fresh one does
+        lm = model()
+        _, fresh = DecodeGraphs(lm, prefilled(lm, [0, 5], [7, 30]), max_batch=6).step([0, 5], [7, 30], [11, 12])
+    assert torch.equal(logits, fresh)
+
+
 def test_bad_steps_are_clear_errors():
     lm = model()
     graphs = DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), max_batch=4)
@@ -118,3 +142,13 @@ def test_cuda_graph_replays_equal_the_eager_fixed_shape_step():
     for (part, dyn, fix_eager), (_, _, fix_graph) in zip(eager, graphed):
         assert torch.equal(fix_eager, fix_graph), part  # the same kernels on the same shapes
         assert dyn.argmax(-1).tolist() == fix_graph.argmax(-1).tolist(), part
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capturing_every_bucket_writes_no_session_slot():
+    """A capture runs the step twice for real first (torch.cuda.graphs' warm-up): on padding rows only."""
+    before, after, graphed, graphs = warm_and_step("cuda", capture=True)
+    assert all(s.graph is not None for s in graphs.steps.values())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    _, _, eager, _ = warm_and_step("cuda", capture=False)
+    assert torch.equal(graphed, eager)
