@@ -92,6 +92,22 @@ class SpanBatch:
         self.spans = spans
         self.width = max(s.length for s in spans)
         self.ragged = any(s.length < self.width for s in spans)
+        self._masks: dict = {}
+
+    def mask(self, layout: tuple[tuple[int, int], ...], rows: int, device: torch.device) -> torch.Tensor:
+        """(B * rows, 1, width, n) chunk mask of each stream's queries over its keys, where stream b's keys are
+        `layout[b]` = (first position, count), padded to the longest count n. Every attention layer of a stack
+        sees the same layout (their caches commit together), so it is built once per call, not once per layer."""
+        key = (layout, rows, device)
+        if key not in self._masks:
+            n = max(m for _, m in layout)
+            mask = torch.zeros(len(self.spans) * rows, 1, self.width, n, dtype=torch.bool, device=device)
+            for b, (s, (first, m)) in enumerate(zip(self.spans, layout)):
+                r = slice(b * rows, (b + 1) * rows)
+                mask[r, 0, :s.length, :m] = s.mask(first, m, device)
+                mask[r, 0, s.length:, 0] = True  # a padding query reads one key: no fully masked softmax row (NaN)
+            self._masks[key] = mask
+        return self._masks[key]
 
     def valid(self, rows: int, device: torch.device) -> torch.Tensor:
         """(B * rows, width) bool: True at the columns that hold a real position."""
@@ -144,12 +160,10 @@ def visible_keys(k: torch.Tensor, v: torch.Tensor, span: Span | SpanBatch, layer
         parts.append(cache.extend(kb, vb, s) if cache is not None else (kb, vb, s.start))
     n = max(kb.shape[2] for kb, _, _ in parts)
     keys, values = k.new_zeros(*k.shape[:2], n, k.shape[3]), v.new_zeros(*v.shape[:2], n, v.shape[3])
-    mask = torch.zeros(k.shape[0], 1, span.width, n, dtype=torch.bool, device=k.device)
-    for b, (s, (kb, vb, first)) in enumerate(zip(span.spans, parts)):
+    for b, (kb, vb, _) in enumerate(parts):
         r, m = slice(b * rows, (b + 1) * rows), kb.shape[2]
         keys[r, :, :m], values[r, :, :m] = kb, vb
-        mask[r, 0, :s.length, :m] = s.mask(first, m, k.device)
-        mask[r, 0, s.length:, 0] = True  # a padding query reads one key: no fully masked softmax row (NaN)
+    mask = span.mask(tuple((first, kb.shape[2]) for kb, _, first in parts), rows, k.device)
     return keys, values, mask, [first for _, _, first in parts]
 
 
