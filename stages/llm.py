@@ -267,7 +267,8 @@ class LLMStage:
     def _forward(self, group: list[tuple[str, _Session]], new_items: list[list]) -> list[LLMToken]:
         slots, starts = [s.slot for _, s in group], [len(s.cached) for _, s in group]
         if self.graphs is not None and all(len(items) == 1 and isinstance(items[0], int) for items in new_items):
-            last, logits = self.graphs.step(slots, starts, [items[0] for items in new_items])  # (B, H), (B, V)
+            ids = torch.tensor([items[0] for items in new_items], device=self.device)
+            last, logits = self.graphs.step(slots, starts, [1] * len(group), self.lm.embed(ids)[:, None])
         else:
             rows = [self._embed(s, items) for (_, s), items in zip(group, new_items)]
             last, logits = forward_rows(self.lm, self.cache, slots, starts, rows)  # (B, H), (B, V)

@@ -115,7 +115,9 @@ class TTSStage:
         graphs = cuda_graphs and not options.reprefill
         slots = limits.max_sessions + (1 if graphs else 0)
         self.cache = SlotKVCache(lm.cfg, slots, options.max_context, self.device, dtype)
-        self.graphs = DecodeGraphs(self.lm, self.cache, limits.max_sessions, head=False) if graphs else None
+        # Token buckets: 1 for the unit-by-unit steps, 8 for a chunk's text ([last unit] + R fused + [<sep>]).
+        self.graphs = (DecodeGraphs(self.lm, self.cache, limits.max_sessions, tokens=(1, 8), head=False)
+                       if graphs else None)
         if self.graphs is not None and self.graphs.capture:
             self.graphs.warm()  # at load: no reply waits for a capture
         self.sessions: dict[str, _Session] = {}
@@ -210,7 +212,8 @@ class TTSStage:
 
     def _forward(self, writers: list[_Session], starts: list[int]) -> torch.Tensor:
         """The TTS LM over every writer's new positions -> each one's last final-norm hidden state (B, H). With
-        graphs, the one-token rows take the fixed-shape step and the chunk prefills a forward of their own."""
+        graphs, the one-token rows take one fixed-shape step, the chunk prefills that fit a token bucket another,
+        and longer ones (a final chunk's text) the dynamic forward."""
         def row(s: _Session) -> torch.Tensor:
             if self.opts.reprefill and s.pending is not None:
                 return torch.cat(s.history)
@@ -220,14 +223,23 @@ class TTSStage:
         if self.graphs is None:
             return forward_rows(self.lm, self.cache, slots, starts, [row(s) for s in writers], head=False)[0]
         one = [b for b, s in enumerate(writers) if s.pending is None]
-        many = [b for b, s in enumerate(writers) if s.pending is not None]
+        short = [b for b, s in enumerate(writers) if s.pending is not None and len(s.pending) <= self.graphs.max_tokens]
+        long = [b for b, s in enumerate(writers) if s.pending is not None and len(s.pending) > self.graphs.max_tokens]
         hidden = torch.empty(len(writers), self.lm.cfg.hidden_size, device=self.device, dtype=self.dtype)
         if one:
-            hidden[one] = self.graphs.step([slots[b] for b in one], [starts[b] for b in one],
-                                           [writers[b].last for b in one])[0]
-        if many:
-            hidden[many] = forward_rows(self.lm, self.cache, [slots[b] for b in many], [starts[b] for b in many],
-                                        [row(writers[b]) for b in many], head=False)[0]
+            ids = torch.tensor([writers[b].last for b in one], device=self.device)
+            hidden[one] = self.graphs.step([slots[b] for b in one], [starts[b] for b in one], [1] * len(one),
+                                           self.lm.embed(ids)[:, None])[0]
+        if short:
+            rows = [writers[b].pending for b in short]
+            embeds = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[1])  # (B, T, H)
+            for i, r in enumerate(rows):
+                embeds[i, :len(r)] = r
+            hidden[short] = self.graphs.step([slots[b] for b in short], [starts[b] for b in short],
+                                             [len(r) for r in rows], embeds)[0]
+        if long:
+            hidden[long] = forward_rows(self.lm, self.cache, [slots[b] for b in long], [starts[b] for b in long],
+                                        [row(writers[b]) for b in long], head=False)[0]
         return hidden
 
     def _decode(self, hidden: torch.Tensor, sessions: list[_Session]) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""The fixed-shape decode step (stages/decode_graph.py) against the dynamic one (layers.forward_rows) on the same
-weights and caches: same tokens, logits to fp32 rounding, whatever rows take part in a step; padding never touches a
-session's keys. On CUDA, the captured graphs replay what the eager fixed-shape step computes."""
+"""The fixed-shape steps (stages/decode_graph.py) against the dynamic one (layers.forward_rows) on the same weights
+and caches: same tokens, logits to fp32 rounding, whatever rows take part in a step and however many tokens each
+appends; padding never touches a session's keys. On CUDA, the captured graphs replay what the eager fixed-shape
+step computes."""
 import pytest
 import torch
 
@@ -47,24 +48,34 @@ def schedule(step: int, slots: list[int]) -> list[int]:
     return slots
 
 
-def decode_both(lm, slots, lengths, steps, device="cpu", capture=False):
-    """Greedy decode of the same sessions through both paths; per step, each path's (tokens, logits)."""
+def padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    out = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[1])
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out
+
+
+def decode_both(lm, slots, lengths, steps, device="cpu", capture=False, chunk_every=0):
+    """Greedy decode of the same sessions through both paths; per step, each path's (tokens, logits). Every
+    `chunk_every` steps, each row appends 2..8 tokens at once (a TTS chunk's text) instead of one."""
     with torch.inference_mode():
         dyn_cache = prefilled(lm, slots, lengths, device)
         fix_cache = copy(dyn_cache)
-        graphs = DecodeGraphs(lm, fix_cache, max_batch=8, capture=capture)
+        graphs = DecodeGraphs(lm, fix_cache, max_batch=8, tokens=(1, 8), capture=capture)
         pos = dict(zip(slots, lengths))
         last = {s: (7 * s) % CFG.vocab_size for s in slots}
         out = []
         for i in range(steps):
             part = schedule(i, slots)
-            starts, ids = [pos[s] for s in part], [last[s] for s in part]
-            rows = [lm.embed(torch.tensor([t], device=device)) for t in ids]
+            n = [2 + (i + s) % 7 if chunk_every and i % chunk_every == 0 else 1 for s in part]
+            ids = [[(last[s] + 31 * t) % CFG.vocab_size for t in range(k)] for s, k in zip(part, n)]
+            rows = [lm.embed(torch.tensor(x, device=device)) for x in ids]
+            starts = [pos[s] for s in part]
             _, dyn = forward_rows(lm, dyn_cache, part, starts, rows)
-            _, fix = graphs.step(part, starts, ids)
+            _, fix = graphs.step(part, starts, n, padded(rows))
             out.append((part, dyn.clone(), fix.clone()))
-            for s, t in zip(part, dyn.argmax(-1).tolist()):
-                pos[s] += 1
+            for s, k, t in zip(part, n, dyn.argmax(-1).tolist()):
+                pos[s] += k
                 last[s] = t
         return out, dyn_cache, fix_cache, graphs
 
@@ -72,21 +83,24 @@ def decode_both(lm, slots, lengths, steps, device="cpu", capture=False):
 def test_buckets_are_powers_of_two_within_their_bounds():
     assert [bucket(n, 1, 8) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 8]
     assert [bucket(n, MIN_KEYS, 160) for n in (1, 64, 65, 129, 160)] == [64, 64, 128, 160, 160]
+    graphs = DecodeGraphs(model(), SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), 6, tokens=(8, 1))
+    assert graphs.shape(3, 1, 70) == (4, 1, 128) and graphs.shape(5, 2, 10) == (6, 8, 64)
 
 
-@pytest.mark.parametrize("slots", [[3, 0, 6, 1, 4], [2]])
-def test_fixed_shape_steps_equal_the_dynamic_step(slots):
+@pytest.mark.parametrize("slots,chunk_every", [([3, 0, 6, 1, 4], 0), ([3, 0, 6, 1, 4], 4), ([2], 3)])
+def test_fixed_shape_steps_equal_the_dynamic_step(slots, chunk_every):
     lm = model()
     lengths = [5, 58, 1, 31, 60][: len(slots)]
-    steps, dyn_cache, fix_cache, graphs = decode_both(lm, slots, lengths, 40)
+    steps, dyn_cache, fix_cache, graphs = decode_both(lm, slots, lengths, 40, chunk_every=chunk_every)
     tokens = []
     for part, dyn, fix in steps:
         assert dyn.argmax(-1).tolist() == fix.argmax(-1).tolist(), part
         assert (dyn - fix).abs().max().item() < 1e-5, part
         tokens += dyn.argmax(-1).tolist()
     assert len(set(tokens)) > 10  # varied tokens, not one repeated id
-    if len(slots) > 1:  # rows 5 -> 8, 2 -> 2, 1 -> 1; keys crossed 64 -> 128
-        assert {r for r, _ in graphs.steps} == {8, 2, 1} and {k for _, k in graphs.steps} == {64, 128}
+    if len(slots) > 1:  # rows 5 -> 8, 2 -> 2, 1 -> 1; keys crossed 64 -> 128 (and 160 with chunks)
+        assert {r for r, _, _ in graphs.steps} == {8, 2, 1} and {64, 128} <= {k for _, _, k in graphs.steps}
+    assert {t for _, t, _ in graphs.steps} == ({1, 8} if chunk_every else {1})
     # Every session's keys equal the dynamic path's, and no other slot was written (the spare is padding's).
     used = torch.tensor(slots)
     others = torch.tensor([s for s in range(SLOTS - 1) if s not in slots])
@@ -102,32 +116,37 @@ def warm_and_step(device: str, capture: bool):
     with torch.inference_mode():
         cache = prefilled(lm, [0, 5], [7, 30], device)
         before = [t[:SLOTS - 1].clone() for t in cache.k + cache.v]
-        graphs = DecodeGraphs(lm, cache, max_batch=6, capture=capture)
-        assert graphs.warm() == 4 * 3  # rows 1, 2, 4, 6 x keys 64, 128, 160
+        graphs = DecodeGraphs(lm, cache, max_batch=6, tokens=(1, 4), capture=capture)
+        assert graphs.warm() == 4 * 2 * 3  # rows 1, 2, 4, 6 x tokens 1, 4 x keys 64, 128, 160
         after = [t[:SLOTS - 1].clone() for t in cache.k + cache.v]
-        _, logits = graphs.step([0, 5], [7, 30], [11, 12])
+        _, logits = graphs.step([0, 5], [7, 30], [1, 3], lm.embed(torch.tensor([[11, 0, 0], [12, 13, 14]],
+                                                                                 device=device)))
     return before, after, logits, graphs
 
 
 def test_warming_prepares_every_bucket():
     before, after, logits, graphs = warm_and_step("cpu", capture=False)
-    assert sorted(graphs.steps) == [(r, k) for r in (1, 2, 4, 6) for k in (64, 128, 160)]
+    assert sorted(graphs.steps) == [(r, t, k) for r in (1, 2, 4, 6) for t in (1, 4) for k in (64, 128, 160)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     with torch.inference_mode():  # a warmed bucket steps as a fresh one does
         lm = model()
-        _, fresh = DecodeGraphs(lm, prefilled(lm, [0, 5], [7, 30]), max_batch=6).step([0, 5], [7, 30], [11, 12])
-    assert torch.equal(logits, fresh)
+        fresh = DecodeGraphs(lm, prefilled(lm, [0, 5], [7, 30]), max_batch=6, tokens=(1, 4))
+        _, want = fresh.step([0, 5], [7, 30], [1, 3], lm.embed(torch.tensor([[11, 0, 0], [12, 13, 14]])))
+    assert torch.equal(logits, want)
 
 
 def test_bad_steps_are_clear_errors():
     lm = model()
-    graphs = DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), max_batch=4)
+    graphs = DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), max_batch=4, tokens=(1, 2))
+    x = torch.zeros(5, 3, CFG.hidden_size)
     with pytest.raises(ValueError, match="belongs to no session"):
-        graphs.step([0, 8], [1, 1], [2, 3])
+        graphs.step([0, 8], [1, 1], [1, 1], x[:2, :1])
     with pytest.raises(ValueError, match="1..4 rows"):
-        graphs.step(list(range(5)), [1] * 5, [2] * 5)
+        graphs.step(list(range(5)), [1] * 5, [1] * 5, x[:, :1])
+    with pytest.raises(ValueError, match="rows of 1..2 tokens"):
+        graphs.step([0], [1], [3], x[:1])
     with pytest.raises(ValueError, match="past the cache"):
-        graphs.step([0], [MAX_LEN], [2])
+        graphs.step([0], [MAX_LEN - 1], [2], x[:1, :2])
     with pytest.raises(ValueError, match="CUDA device"):
         DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), max_batch=4, capture=True)
 
@@ -136,8 +155,8 @@ def test_bad_steps_are_clear_errors():
 def test_cuda_graph_replays_equal_the_eager_fixed_shape_step():
     lm = model(device="cuda")
     slots, lengths = [3, 0, 6, 1, 4], [5, 58, 1, 31, 60]
-    eager, *_ = decode_both(lm, slots, lengths, 40, "cuda", capture=False)
-    graphed, _, _, graphs = decode_both(lm, slots, lengths, 40, "cuda", capture=True)
+    eager, *_ = decode_both(lm, slots, lengths, 40, "cuda", capture=False, chunk_every=4)
+    graphed, _, _, graphs = decode_both(lm, slots, lengths, 40, "cuda", capture=True, chunk_every=4)
     assert all(s.graph is not None for s in graphs.steps.values())
     for (part, dyn, fix_eager), (_, _, fix_graph) in zip(eager, graphed):
         assert torch.equal(fix_eager, fix_graph), part  # the same kernels on the same shapes
