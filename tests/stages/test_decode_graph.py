@@ -164,7 +164,7 @@ def test_cuda_graph_replays_equal_the_eager_fixed_shape_step():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_capturing_every_bucket_writes_no_session_slot():
+def test_cuda_capture_of_every_bucket_writes_no_session_slot():
     """A capture runs the step twice for real first (torch.cuda.graphs' warm-up): on padding rows only."""
     before, after, graphed, graphs = warm_and_step("cuda", capture=True)
     assert all(s.graph is not None for s in graphs.steps.values())

@@ -170,17 +170,21 @@ def test_sessions_batched_equal_each_alone(md, stage_factory):
     assert [got[f"s{i}"] for i in range(4)] == alone
 
 
-@pytest.mark.parametrize("offline", [False, True])
-def test_fixed_shape_decode_steps_give_the_same_units(md, offline):
-    """cuda_graphs=True (on a CPU: the fixed-shape steps run eagerly): sessions at different points of their replies,
-    prefilling chunks and decoding in the same steps, write the units the dynamic step writes. Streaming, a chunk's
-    text fits the 8-token bucket; offline, a reply's text is one chunk, here 2 to 15 positions (the longer ones
-    take the dynamic forward)."""
+@pytest.mark.parametrize("device,offline", [
+    ("cpu", False), ("cpu", True),
+    pytest.param("cuda", False, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+    ids=["streaming", "offline", "cuda-graphs-streaming"])
+def test_fixed_shape_decode_steps_give_the_same_units(md, device, offline):
+    """cuda_graphs=True (on a CPU the fixed-shape steps run eagerly; on CUDA they are captured when the stage loads
+    and replayed): sessions at different points of their replies, prefilling chunks and decoding in the same steps,
+    write the units the dynamic step writes. Streaming, a chunk's text fits the 8-token bucket; offline, a reply's
+    text is one chunk, here 2 to 15 positions (the longer ones take the dynamic forward)."""
     replies = [reply(md, n, 30 + n) for n in (4, 9, 1, 14)]
     params = [SamplingParams(1.0, 50, 1.0, seed=i) for i in range(4)]
 
     def run(cuda_graphs):
-        st = TTSStage.from_checkpoint(md, Limits(max_sessions=4), TTSOptions(offline=offline), cuda_graphs=cuda_graphs)
+        st = TTSStage.from_checkpoint(md, Limits(max_sessions=4), TTSOptions(offline=offline), device=device,
+                                      cuda_graphs=cuda_graphs)
         got = {f"s{i}": [] for i in range(4)}
         for i in range(4):
             st.open(f"s{i}", params[i])
@@ -206,6 +210,7 @@ def test_fixed_shape_decode_steps_give_the_same_units(md, offline):
     # The fixed-shape steps ran, at several batch sizes, for units and for chunks' text.
     assert len({r for r, _, _ in st.graphs.steps}) >= 2
     assert {t for _, t, _ in st.graphs.steps} == {1, 8}
+    assert all(s.graph is not None for s in st.graphs.steps.values()) == (device == "cuda")
 
 
 def test_options_units_only_and_offline(md, stage_factory):
