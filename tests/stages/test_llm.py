@@ -123,25 +123,29 @@ def test_batched_sessions_of_different_lengths_equal_each_alone(md):
     assert [got[f"s{i}"] for i in range(4)] == alone
 
 
-def test_fixed_shape_decode_steps_give_the_same_turns(md):
-    """cuda_graphs=True (on a CPU: the fixed-shape steps run eagerly): four sessions, sampled, two turns each, the
-    second turn's prefill beside the others' decode steps; the same tokens and hidden states as the dynamic steps."""
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+    ids=["cpu", "cuda-graphs"])
+def test_fixed_shape_decode_steps_give_the_same_turns(md, device):
+    """cuda_graphs=True (on a CPU the fixed-shape steps run eagerly; on CUDA they are captured when the stage loads
+    and replayed): four sessions, sampled, s1 asking a second turn whose prefill runs beside the others' decode
+    steps; the same tokens and hidden states as the dynamic steps."""
     H = md.config.thinker.hidden_size
     limits = Limits(max_sessions=4, max_context=1024, max_new_tokens=12)
 
     def run(cuda_graphs):
-        stage = LLMStage.from_checkpoint(md, limits, cuda_graphs=cuda_graphs)
+        stage = LLMStage.from_checkpoint(md, limits, device=device, cuda_graphs=cuda_graphs)
         got = {f"s{i}": [] for i in range(4)}
         for i in range(4):
             stage.open(f"s{i}", SamplingParams(0.8, 20, 0.9, seed=i))
-        outs = stage.step([LLMTurn(f"s{i}", speech(n, H, 20 + i)) for i, n in enumerate([40, 9, 3, 25])])
+        outs = stage.step([LLMTurn(f"s{i}", speech(n, H, 20 + i).to(device)) for i, n in enumerate([40, 9, 3, 25])])
         second = False
         while outs:
             for t in outs:
                 got[t.session_id].append((t.token_id, t.hidden))
             turns = []
             if not second and any(t.finished and t.session_id == "s1" for t in outs):
-                turns, second = [LLMTurn("s1", speech(6, H, 99))], True
+                turns, second = [LLMTurn("s1", speech(6, H, 99).to(device))], True
             outs = stage.step(turns)
         return got, stage
 
@@ -153,6 +157,7 @@ def test_fixed_shape_decode_steps_give_the_same_turns(md):
         a, b = torch.stack([h for _, h in fixed[k]]), torch.stack([h for _, h in dynamic[k]])
         assert (a - b).abs().max().item() < 1e-5, k
     assert stage.graphs is not None and len(stage.graphs.steps) >= 2
+    assert all(s.graph is not None for s in stage.graphs.steps.values()) == (device == "cuda")
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(md):
