@@ -45,6 +45,7 @@ class Span:
     left_chunks: int | None = None
     caches: list | None = None
     _masks: dict = field(default_factory=dict, repr=False)
+    _biases: dict = field(default_factory=dict, repr=False)
 
     @property
     def end(self) -> int:
@@ -73,6 +74,9 @@ class Span:
             self._masks[key] = chunk_mask(self.positions(device), k_pos, self.chunk, self.end, self.left_chunks)
         return self._masks[key]
 
+    def bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return additive(mask, dtype, self._biases)
+
 
 class ConvCache:
     """The inputs of a causal conv just left of the open span; None (= the official zero padding) at the start."""
@@ -93,6 +97,7 @@ class SpanBatch:
         self.width = max(s.length for s in spans)
         self.ragged = any(s.length < self.width for s in spans)
         self._masks: dict = {}
+        self._biases: dict = {}
 
     def mask(self, layout: tuple[tuple[int, int], ...], rows: int, device: torch.device) -> torch.Tensor:
         """(B * rows, 1, width, n) chunk mask of each stream's queries over its keys, where stream b's keys are
@@ -109,10 +114,24 @@ class SpanBatch:
             self._masks[key] = mask
         return self._masks[key]
 
+    def bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return additive(mask, dtype, self._biases)
+
     def valid(self, rows: int, device: torch.device) -> torch.Tensor:
         """(B * rows, width) bool: True at the columns that hold a real position."""
         cols = torch.arange(self.width, device=device)
         return torch.stack([cols < s.length for s in self.spans]).repeat_interleave(rows, dim=0)
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype, memo: dict) -> torch.Tensor:
+    """A boolean mask as the additive bias scaled_dot_product_attention would make of it (0 where visible, -inf
+    elsewhere, in `dtype`), made once per mask in `memo` rather than again in every layer that reads it."""
+    key = (id(mask), dtype)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not mask:  # the mask itself is kept, so its id cannot be reused meanwhile
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        hit = memo[key] = (mask, bias)
+    return hit[1]
 
 
 def batch_of(spans: list[Span]) -> Span | SpanBatch:
