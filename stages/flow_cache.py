@@ -153,8 +153,10 @@ def causal_pad(x: torch.Tensor, pad: int, span: Span | SpanBatch | None, layer: 
     if all(c is None or c.tail is None for c in caches):
         x = F.pad(x, (pad, 0))
     else:
-        zeros = x.new_zeros(rows, x.shape[1], pad)
-        x = torch.cat([torch.cat([zeros if c is None or c.tail is None else c.tail for c in caches]), x], dim=-1)
+        if any(c is None or c.tail is None for c in caches):
+            zeros = x.new_zeros(rows, x.shape[1], pad)
+        left = [zeros if c is None or c.tail is None else c.tail for c in caches]
+        x = torch.cat([left[0] if len(left) == 1 else torch.cat(left), x], dim=-1)
     for b, (s, c) in enumerate(zip(spans, caches)):
         if c is not None:  # clone: do not pin this call's whole activation
             c.tail = x[b * rows:(b + 1) * rows, :, s.commit:s.commit + pad].clone()
