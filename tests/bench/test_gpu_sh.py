@@ -43,8 +43,10 @@ def test_hanging_steps_cannot_overrun_the_budget(tmp_path):
     wall = time.monotonic() - t0
     assert wall < BUDGET, (wall, proc.stdout[-2000:])
     assert proc.returncode == 1, proc.stdout[-2000:]
-    # The first step gets the budget less the kill grace, is stopped, and nothing after it has time to run.
-    assert re.search(r"=== cuda-tests \(limit (19|20)s\)", proc.stdout), proc.stdout
+    # The first step gets what is left of the budget less the kill grace, is stopped, and nothing after it has time
+    # to run.
+    first = re.search(r"=== cuda-tests \(limit (\d+)s\)", proc.stdout)
+    assert first and 10 <= int(first[1]) <= BUDGET - 10, proc.stdout  # what was left after the machine probes
     assert "FAILED after" in (out / "cuda-tests.log").read_text()
     for name in ("profile", "latency-0.5b", "kernels", "tts-vocoder-chunks", "vocoder-sessions"):
         assert "SKIPPED" in (out / f"{name}.log").read_text(), name
