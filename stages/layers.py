@@ -217,9 +217,14 @@ def forward_rows(lm: Qwen2LM, cache: SlotKVCache, slots: list[int], starts: list
     """One forward over several sessions: row b appends embeddings rows[b] (n_b, H) to slot slots[b] at
     position starts[b]. Returns the final-norm hidden (B, H) and logits (B, V) of each row's last position
     (logits None when head=False)."""
+    embeds, lengths = pad_rows(rows)
+    return lm(embeds, Batch.make(slots, starts, lengths, embeds.device), cache, head)
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Rows of embeddings (n_b, H) -> one right-padded (B, max n_b, H) batch (zeros past each row) and the n_b."""
     lengths = [r.shape[0] for r in rows]
-    first = rows[0]
-    embeds = first.new_zeros(len(rows), max(lengths), first.shape[-1])  # (B, T, H), right-padded
+    embeds = rows[0].new_zeros(len(rows), max(lengths), rows[0].shape[-1])
     for b, r in enumerate(rows):
-        embeds[b, : r.shape[0]] = r
-    return lm(embeds, Batch.make(slots, starts, lengths, first.device), cache, head)
+        embeds[b, :lengths[b]] = r
+    return embeds, lengths

@@ -19,7 +19,7 @@ from omni2.engine.config import OFFICIAL_SAMPLING, ConfigError, Limits, Sampling
 from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
 from omni2.stages.decode_graph import DecodeGraphs
-from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, prefer_planless_attention
+from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, pad_rows, prefer_planless_attention
 
 FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
 
@@ -231,12 +231,9 @@ class TTSStage:
             hidden[one] = self.graphs.step([slots[b] for b in one], [starts[b] for b in one], [1] * len(one),
                                            self.lm.embed(ids)[:, None])[0]
         if short:
-            rows = [writers[b].pending for b in short]
-            embeds = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[1])  # (B, T, H)
-            for i, r in enumerate(rows):
-                embeds[i, :len(r)] = r
-            hidden[short] = self.graphs.step([slots[b] for b in short], [starts[b] for b in short],
-                                             [len(r) for r in rows], embeds)[0]
+            embeds, lengths = pad_rows([writers[b].pending for b in short])
+            hidden[short] = self.graphs.step([slots[b] for b in short], [starts[b] for b in short], lengths,
+                                             embeds)[0]
         if long:
             hidden[long] = forward_rows(self.lm, self.cache, [slots[b] for b in long], [starts[b] for b in long],
                                         [row(writers[b]) for b in long], head=False)[0]

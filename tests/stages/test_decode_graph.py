@@ -5,23 +5,15 @@ step computes."""
 import pytest
 import torch
 
-from omni2.engine.config import Qwen2Config
 from omni2.stages.decode_graph import MIN_KEYS, DecodeGraphs, bucket
-from omni2.stages.layers import Qwen2LM, SlotKVCache, forward_rows
+from omni2.stages.layers import Qwen2LM, SlotKVCache, forward_rows, pad_rows
+from tests.stages.test_layers import CFG, random_qwen2
 
-CFG = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6)
 SLOTS, MAX_LEN = 9, 160  # slot 8 is the spare
 
 
 def model(seed: int = 0, device="cpu") -> Qwen2LM:
-    torch.manual_seed(seed)
-    lm = Qwen2LM(CFG).eval()
-    with torch.no_grad():
-        for n, p in lm.named_parameters():
-            if "norm" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return lm.to(device)
+    return random_qwen2(seed).to(device)
 
 
 def prefilled(lm: Qwen2LM, slots: list[int], lengths: list[int], device="cpu") -> SlotKVCache:
@@ -48,13 +40,6 @@ def schedule(step: int, slots: list[int]) -> list[int]:
     return slots
 
 
-def padded(rows: list[torch.Tensor]) -> torch.Tensor:
-    out = rows[0].new_zeros(len(rows), max(len(r) for r in rows), rows[0].shape[1])
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = r
-    return out
-
-
 def decode_both(lm, slots, lengths, steps, device="cpu", capture=False, chunk_every=0):
     """Greedy decode of the same sessions through both paths; per step, each path's (tokens, logits). Every
     `chunk_every` steps, each row appends 2..8 tokens at once (a TTS chunk's text) instead of one."""
@@ -72,7 +57,7 @@ def decode_both(lm, slots, lengths, steps, device="cpu", capture=False, chunk_ev
             rows = [lm.embed(torch.tensor(x, device=device)) for x in ids]
             starts = [pos[s] for s in part]
             _, dyn = forward_rows(lm, dyn_cache, part, starts, rows)
-            _, fix = graphs.step(part, starts, n, padded(rows))
+            _, fix = graphs.step(part, starts, n, pad_rows(rows)[0])
             out.append((part, dyn.clone(), fix.clone()))
             for s, k, t in zip(part, n, dyn.argmax(-1).tolist()):
                 pos[s] += k

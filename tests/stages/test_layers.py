@@ -11,7 +11,7 @@ CFG = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hid
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6)
 
 
-def make_pair(seed=0):
+def random_qwen2(seed=0) -> Qwen2LM:
     torch.manual_seed(seed)
     ours = Qwen2LM(CFG).eval()
     # Norm weights are ones at init; perturb them so a wrong norm would show.
@@ -19,6 +19,11 @@ def make_pair(seed=0):
         for n, p in ours.named_parameters():
             if "norm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
+    return ours
+
+
+def make_pair(seed=0):
+    ours = random_qwen2(seed)
     hf = Qwen2ForCausalLM(HFQwen2Config(**{k: v for k, v in CFG.to_dict().items()},
                                         attn_implementation="eager")).eval()
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
