@@ -28,12 +28,31 @@ from omni2.stages.layers import Qwen2LM, SlotKVCache
 MIN_KEYS = 64  # smallest key bucket: below it, the buckets would only add graphs
 
 
+def buckets(smallest: int, largest: int) -> list[int]:
+    """smallest, 2 * smallest, 4 * smallest ... below largest, then largest (all capped at largest)."""
+    out = [min(smallest, largest)]
+    while out[-1] < largest:
+        out.append(min(2 * out[-1], largest))
+    return out
+
+
 def bucket(n: int, smallest: int, largest: int) -> int:
     """The smallest power of two >= n (and >= smallest), capped at largest."""
-    b = smallest
-    while b < n:
-        b *= 2
-    return min(b, largest)
+    return next((b for b in buckets(smallest, largest) if b >= n), largest)
+
+
+def slot_cache(lm: Qwen2LM, sessions: int, max_len: int, device, dtype, graphs: bool, tokens: tuple[int, ...] = (1,),
+               head: bool = True) -> tuple[SlotKVCache, DecodeGraphs | None]:
+    """A stage's KV cache for `sessions` slots of `max_len` positions and, with `graphs`, its fixed-shape steps: the
+    cache then has one slot more (the padding's), and on CUDA every bucket is captured now, as the stage loads, so
+    that no reply waits for a capture."""
+    cache = SlotKVCache(lm.cfg, sessions + (1 if graphs else 0), max_len, device, dtype)
+    if not graphs:
+        return cache, None
+    steps = DecodeGraphs(lm, cache, sessions, tokens, head)
+    if steps.capture:
+        steps.warm()
+    return cache, steps
 
 
 class StaticBatch:
@@ -129,9 +148,8 @@ class DecodeGraphs:
 
     def shapes(self) -> list[tuple[int, int, int]]:
         """Every (rows, tokens, keys) bucket a step can fall in."""
-        rows = sorted({bucket(n, 1, self.max_batch) for n in range(1, self.max_batch + 1)})
-        keys = sorted({bucket(n, MIN_KEYS, self.cache.max_len) for n in range(1, self.cache.max_len + 1)})
-        return [(r, t, k) for t in self.tokens for r in rows for k in keys]
+        keys = buckets(MIN_KEYS, self.cache.max_len)
+        return [(r, t, k) for t in self.tokens for r in buckets(1, self.max_batch) for k in keys]
 
     @torch.inference_mode()
     def warm(self) -> int:
@@ -159,7 +177,7 @@ class DecodeGraphs:
         n = len(slots)
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a step takes 1..{self.max_batch} rows, got {n}")
-        if not 0 < max(lengths) <= self.max_tokens or min(lengths) < 1:
+        if min(lengths) < 1 or max(lengths) > self.max_tokens:
             raise ValueError(f"rows of 1..{self.max_tokens} tokens, got {lengths}")
         if self.spare_slot in slots:
             raise ValueError(f"slot {self.spare_slot} is the padding's and belongs to no session")

@@ -17,8 +17,8 @@ import torch
 
 from omni2.engine.checkpoints.model_dir import THINKER_EXCLUDE, ModelDir
 from omni2.engine.config import Limits, SamplingParams
-from omni2.stages.decode_graph import DecodeGraphs
-from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, prefer_planless_attention
+from omni2.stages.decode_graph import slot_cache
+from omni2.stages.layers import Qwen2LM, SlotPool, forward_rows, prefer_planless_attention
 from omni2.stages.sampling import sample
 
 
@@ -105,12 +105,8 @@ class LLMStage:
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.tok, self.speech_id, self.eos_ids = tokenizer, speech_token_id, frozenset(eos_ids)
         self.limits, self.device, self.dtype = limits, torch.device(device), dtype
-        # With graphs, one slot more than sessions: the padding rows of a fixed-shape decode step write there.
-        slots = limits.max_sessions + (1 if cuda_graphs else 0)
-        self.cache = SlotKVCache(lm.cfg, slots, limits.max_context, self.device, dtype)
-        self.graphs = DecodeGraphs(self.lm, self.cache, limits.max_sessions) if cuda_graphs else None
-        if self.graphs is not None and self.graphs.capture:
-            self.graphs.warm()  # at load: no reply waits for a capture
+        self.cache, self.graphs = slot_cache(self.lm, limits.max_sessions, limits.max_context, self.device, dtype,
+                                             cuda_graphs)
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "LLM", LLMError)
 

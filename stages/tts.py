@@ -18,8 +18,8 @@ from omni2.engine.checkpoints.model_dir import GENERATOR_EXCLUDE, PREFIX_GENERAT
 from omni2.engine.config import OFFICIAL_SAMPLING, ConfigError, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
-from omni2.stages.decode_graph import DecodeGraphs
-from omni2.stages.layers import Qwen2LM, SlotKVCache, SlotPool, forward_rows, pad_rows, prefer_planless_attention
+from omni2.stages.decode_graph import slot_cache
+from omni2.stages.layers import Qwen2LM, SlotPool, forward_rows, pad_rows, prefer_planless_attention
 
 FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
 
@@ -110,16 +110,10 @@ class TTSStage:
             raise ConfigError(f"unit ids {unit0}..{unit0 + n_units - 1} exceed the TTS vocab {lm.cfg.vocab_size}")
         self.stream, self.limits, self.opts = stream, limits, options
         self.device, self.dtype = torch.device(device), dtype
-        # With graphs, one slot more than sessions: the padding rows of a fixed-shape decode step write there. A
-        # re-prefilling baseline has no one-token steps to replay.
-        graphs = cuda_graphs and not options.reprefill
-        slots = limits.max_sessions + (1 if graphs else 0)
-        self.cache = SlotKVCache(lm.cfg, slots, options.max_context, self.device, dtype)
-        # Token buckets: 1 for the unit-by-unit steps, 8 for a chunk's text ([last unit] + R fused + [<sep>]).
-        self.graphs = (DecodeGraphs(self.lm, self.cache, limits.max_sessions, tokens=(1, 8), head=False)
-                       if graphs else None)
-        if self.graphs is not None and self.graphs.capture:
-            self.graphs.warm()  # at load: no reply waits for a capture
+        # A re-prefilling baseline has no short steps to replay. Token buckets: 1 for the unit-by-unit steps, 8 for
+        # a chunk's text ([last unit] + R fused + [<sep>]).
+        self.cache, self.graphs = slot_cache(self.lm, limits.max_sessions, options.max_context, self.device, dtype,
+                                             cuda_graphs and not options.reprefill, tokens=(1, 8), head=False)
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "TTS", TTSError)
 
