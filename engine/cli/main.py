@@ -106,6 +106,12 @@ def _add_vocoder_options(p: argparse.ArgumentParser) -> None:
                         "1 = one by one)")
 
 
+def _add_cuda_graphs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the thinker's and the TTS LM's short steps as CUDA graphs "
+                        "(fewer kernel launches: a GPU's decode steps are bound by them otherwise)")
+
+
 def _chunks(value: str) -> int | None:
     try:
         return parse_left_chunks(value)
@@ -136,9 +142,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voice", default="default", help="speaker voice name (see `omni2-engine voice list`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the thinker's and the TTS LM's one-token steps as CUDA graphs "
-                        "(fewer kernel launches: a GPU's decode steps are bound by them otherwise)")
+    _add_cuda_graphs(p)
 
     _add_vocoder_options(p)
     p.set_defaults(func=_run_generate)
@@ -177,9 +181,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per stage worker (default: every core; docs/ARCHITECTURE.md, \"Threads\")")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the thinker's and the TTS LM's one-token steps as CUDA graphs "
-                        "(fewer kernel launches: a GPU's decode steps are bound by them otherwise)")
+    _add_cuda_graphs(p)
     p.add_argument("--vocoder-memory", type=float, default=None, metavar="GB",
                    help="admit a session only while the vocoder state of the longest replies still fits in GB "
                         "(default: no check); refused opens get engine_full")
