@@ -45,7 +45,6 @@ class Span:
     left_chunks: int | None = None
     caches: list | None = None
     _masks: dict = field(default_factory=dict, repr=False)
-    _biases: dict = field(default_factory=dict, repr=False)
 
     @property
     def end(self) -> int:
@@ -65,17 +64,17 @@ class Span:
     def width(self) -> int:
         return self.length
 
-    def mask(self, k_start: int, n_keys: int, device: torch.device) -> torch.Tensor:
-        """Chunk mask of this span's queries over keys at [k_start, k_start + n_keys); every attention layer of a
-        stack shares it, so it is built once per call."""
-        key = (k_start, n_keys, device)
+    def mask(self, k_start: int, n_keys: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Chunk mask of this span's queries over keys at [k_start, k_start + n_keys) (boolean; with `dtype`, as an
+        additive bias); every attention layer of a stack shares it, so it is built once per call."""
+        key = (k_start, n_keys, device, dtype)
         if key not in self._masks:
-            k_pos = torch.arange(k_start, k_start + n_keys, device=device)
-            self._masks[key] = chunk_mask(self.positions(device), k_pos, self.chunk, self.end, self.left_chunks)
+            if dtype is None:
+                k_pos = torch.arange(k_start, k_start + n_keys, device=device)
+                self._masks[key] = chunk_mask(self.positions(device), k_pos, self.chunk, self.end, self.left_chunks)
+            else:
+                self._masks[key] = additive(self.mask(k_start, n_keys, device), dtype)
         return self._masks[key]
-
-    def bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return additive(mask, dtype, self._biases)
 
 
 class ConvCache:
@@ -97,25 +96,26 @@ class SpanBatch:
         self.width = max(s.length for s in spans)
         self.ragged = any(s.length < self.width for s in spans)
         self._masks: dict = {}
-        self._biases: dict = {}
 
-    def mask(self, layout: tuple[tuple[int, int], ...], rows: int, device: torch.device) -> torch.Tensor:
+    def mask(self, layout: tuple[tuple[int, int], ...], rows: int, device: torch.device,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B * rows, 1, width, n) chunk mask of each stream's queries over its keys, where stream b's keys are
-        `layout[b]` = (first position, count), padded to the longest count n. Every attention layer of a stack
-        sees the same layout (their caches commit together), so it is built once per call, not once per layer."""
-        key = (layout, rows, device)
+        `layout[b]` = (first position, count), padded to the longest count n (boolean; with `dtype`, as an additive
+        bias). Every attention layer of a stack sees the same layout (their caches commit together), so it is built
+        once per call, not once per layer."""
+        key = (layout, rows, device, dtype)
         if key not in self._masks:
-            n = max(m for _, m in layout)
-            mask = torch.zeros(len(self.spans) * rows, 1, self.width, n, dtype=torch.bool, device=device)
-            for b, (s, (first, m)) in enumerate(zip(self.spans, layout)):
-                r = slice(b * rows, (b + 1) * rows)
-                mask[r, 0, :s.length, :m] = s.mask(first, m, device)
-                mask[r, 0, s.length:, 0] = True  # a padding query reads one key: no fully masked softmax row (NaN)
-            self._masks[key] = mask
+            if dtype is None:
+                n = max(m for _, m in layout)
+                mask = torch.zeros(len(self.spans) * rows, 1, self.width, n, dtype=torch.bool, device=device)
+                for b, (s, (first, m)) in enumerate(zip(self.spans, layout)):
+                    r = slice(b * rows, (b + 1) * rows)
+                    mask[r, 0, :s.length, :m] = s.mask(first, m, device)
+                    mask[r, 0, s.length:, 0] = True  # a padding query reads one key: no fully masked row (NaN)
+                self._masks[key] = mask
+            else:
+                self._masks[key] = additive(self.mask(layout, rows, device), dtype)
         return self._masks[key]
-
-    def bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return additive(mask, dtype, self._biases)
 
     def valid(self, rows: int, device: torch.device) -> torch.Tensor:
         """(B * rows, width) bool: True at the columns that hold a real position."""
@@ -123,15 +123,10 @@ class SpanBatch:
         return torch.stack([cols < s.length for s in self.spans]).repeat_interleave(rows, dim=0)
 
 
-def additive(mask: torch.Tensor, dtype: torch.dtype, memo: dict) -> torch.Tensor:
-    """A boolean mask as the additive bias scaled_dot_product_attention would make of it (0 where visible, -inf
-    elsewhere, in `dtype`), made once per mask in `memo` rather than again in every layer that reads it."""
-    key = (id(mask), dtype)
-    hit = memo.get(key)
-    if hit is None or hit[0] is not mask:  # the mask itself is kept, so its id cannot be reused meanwhile
-        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        hit = memo[key] = (mask, bias)
-    return hit[1]
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as the additive bias scaled_dot_product_attention would make of it in each call (0 where
+    visible, -inf elsewhere, in `dtype`): made once per stack instead."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def batch_of(spans: list[Span]) -> Span | SpanBatch:
@@ -163,16 +158,18 @@ def causal_pad(x: torch.Tensor, pad: int, span: Span | SpanBatch | None, layer: 
     return x
 
 
-def visible_keys(k: torch.Tensor, v: torch.Tensor, span: Span | SpanBatch, layer: nn.Module
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+def visible_keys(k: torch.Tensor, v: torch.Tensor, span: Span | SpanBatch, layer: nn.Module,
+                 bias: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """This call's (B, H, T, D) keys/values -> every key/value its queries may read, the chunk mask over them
-    ((Tq, Tk), or (B, 1, Tq, Tk) for a batch) and each stream's first key position. A stream's committed keys
-    come from its cache, which also takes this call's; a batch pads every stream's keys to the longest."""
+    ((Tq, Tk), or (B, 1, Tq, Tk) for a batch; boolean, or with `bias` additive in k's dtype) and each stream's first
+    key position. A stream's committed keys come from its cache, which also takes this call's; a batch pads every
+    stream's keys to the longest."""
+    dtype = k.dtype if bias else None
     if isinstance(span, Span):
         k_start, cache = span.start, span.cache(layer)
         if cache is not None:
             k, v, k_start = cache.extend(k, v, span)
-        return k, v, span.mask(k_start, k.shape[2], k.device), [k_start]
+        return k, v, span.mask(k_start, k.shape[2], k.device, dtype), [k_start]
     rows = k.shape[0] // len(span.spans)
     parts = []
     for b, s in enumerate(span.spans):
@@ -184,7 +181,7 @@ def visible_keys(k: torch.Tensor, v: torch.Tensor, span: Span | SpanBatch, layer
     for b, (kb, vb, _) in enumerate(parts):
         r, m = slice(b * rows, (b + 1) * rows), kb.shape[2]
         keys[r, :, :m], values[r, :, :m] = kb, vb
-    mask = span.mask(tuple((first, kb.shape[2]) for kb, _, first in parts), rows, k.device)
+    mask = span.mask(tuple((first, kb.shape[2]) for kb, _, first in parts), rows, k.device, dtype)
     return keys, values, mask, [first for _, _, first in parts]
 
 

@@ -116,8 +116,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         split = lambda y: y.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, H, T, D)
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
-        k, v, mask, _ = visible_keys(k, v, span, self)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=span.bias(mask, q.dtype))
+        k, v, bias, _ = visible_keys(k, v, span, self, bias=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.to_out[0](out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
