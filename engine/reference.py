@@ -40,7 +40,8 @@ class ReferencePipeline:
         self.llm = LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
         self.tts = TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype,
                                             cuda_graphs=cuda_graphs)
-        self.vocoder = VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options, device=device, dtype=dtype)
+        self.vocoder = VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options, device=device, dtype=dtype,
+                                                    cuda_graphs=cuda_graphs)
         self.read = self.tts.stream.read
         self.sessions: dict[str, SessionOptions] = {}
 

@@ -55,6 +55,22 @@ def slot_cache(lm: Qwen2LM, sessions: int, max_len: int, device, dtype, graphs: 
     return cache, steps
 
 
+def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
+    """`run` captured as a CUDA graph in memory pool `pool`. Lazy initialisations (cuBLAS workspaces, kernel
+    selection) must happen before capture, on a side stream as torch.cuda.graphs asks: so `run` runs twice first,
+    and must then write nothing a session owns (its buffers point every row at the spare slot)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph
+
+
 class StaticBatch:
     """What the layers read from a `layers.Batch`, as buffers of fixed shape that a captured graph reads in place:
     `rows` rows of `tokens` tokens each, keys up to `kv_len`. A step overwrites `embeds`, `slots`, `starts`,
@@ -96,20 +112,6 @@ class _Step:
     def run(self) -> None:
         self.batch.refresh()
         self.hidden, self.logits = self.lm(self.batch.embeds, self.batch, self.cache, self.head)
-
-    def capture(self, pool) -> None:
-        # Lazy initialisations (cuBLAS workspaces, kernel selection) must happen before capture, on a side stream
-        # as torch.cuda.graphs asks; the buffers still point every token at the spare slot, so these runs write
-        # nothing a session owns.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.run()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.run()
 
     def replay(self) -> None:
         if self.graph is None:
@@ -165,7 +167,7 @@ class DecodeGraphs:
             step = self.steps[shape] = _Step(self.lm, self.cache, shape, self.head)
             if self.capture:
                 self._load(step, [], [], [])
-                step.capture(self.pool)
+                step.graph = capture_graph(step.run, self.pool)
         return step
 
     @torch.inference_mode()

@@ -156,9 +156,11 @@ class Flow(nn.Module):
         return solve_euler(self.decoder.estimator, self.cfg.cfm, z, mu, self.speaker(spk_embedding.to(device)),
                            torch.zeros_like(mu), [span] * self.cfg.cfm.n_timesteps)
 
-    def new_stream(self, spk_embedding: torch.Tensor, noise: torch.Tensor,
-                   left_chunks: int | None = None) -> FlowStream:
-        return FlowStream(self, spk_embedding, noise, left_chunks)
+    def new_stream(self, spk_embedding: torch.Tensor, noise: torch.Tensor, left_chunks: int | None = None,
+                   graphs=None, slot: int | None = None) -> FlowStream:
+        """`graphs` (a flow_graph.WindowGraphs over this flow's estimator) and `slot`: the stream keeps its estimator
+        state in that slot of the graphs' pool and runs its Euler steps on their fixed shapes."""
+        return FlowStream(self, spk_embedding, noise, left_chunks, graphs, slot)
 
     @torch.inference_mode()
     def stream_step(self, streams: list[FlowStream], finalize: list[bool]) -> list[torch.Tensor]:
@@ -180,14 +182,25 @@ class Flow(nn.Module):
                 p.mu = mu  # frames [est_done, r*n)
                 mus.append(mu[:, :p.frames])
                 zs.append(s.noise[0, :, p.start:p.start + p.frames].to(device) * cfg.cfm.temperature)
-            width = max(p.frames for _, p in work)
-            pad = lambda xs: torch.stack([F.pad(x, (0, width - x.shape[1])) for x in xs])  # noqa: E731
-            mu = pad(mus)
-            spans = [batch_of([p.est[step] for _, p in work]) for step in range(cfg.cfm.n_timesteps)]
-            mel = solve_euler_batch(self.decoder.estimator, cfg.cfm, pad(zs), mu,
-                                    torch.stack([s.spks for s, _ in work]), torch.zeros_like(mu), spans)
-            for b, (_, p) in enumerate(work):
-                p.mel = mel[b, :, :p.frames]
+            spks = torch.stack([s.spks for s, _ in work])
+            graphs = {id(s.graphs): s.graphs for s, _ in work}
+            if len(graphs) > 1:
+                raise ValueError("one step cannot mix streams with and without fixed-shape estimator steps")
+            (graphs,) = graphs.values()
+            if graphs is not None:
+                mels = graphs.solve([s.slot for s, _ in work], [p.start for _, p in work],
+                                    [p.frames for _, p in work], [p.est_new - p.start for _, p in work], zs, mus, spks)
+                for mel, (_, p) in zip(mels, work):
+                    p.mel = mel
+            else:
+                width = max(p.frames for _, p in work)
+                pad = lambda xs: torch.stack([F.pad(x, (0, width - x.shape[1])) for x in xs])  # noqa: E731
+                mu = pad(mus)
+                spans = [batch_of([p.est[step] for _, p in work]) for step in range(cfg.cfm.n_timesteps)]
+                mel = solve_euler_batch(self.decoder.estimator, cfg.cfm, pad(zs), mu, spks, torch.zeros_like(mu),
+                                        spans)
+                for b, (_, p) in enumerate(work):
+                    p.mel = mel[b, :, :p.frames]
         # 3. Move each stream's commit points.
         return [s._commit(p) for s, p in zip(streams, plans)]
 
@@ -225,10 +238,19 @@ class FlowStream:
     everything after is recomputed by the next call.
     """
 
-    def __init__(self, flow: Flow, spk_embedding: torch.Tensor, noise: torch.Tensor, left_chunks: int | None = None):
+    def __init__(self, flow: Flow, spk_embedding: torch.Tensor, noise: torch.Tensor, left_chunks: int | None = None,
+                 graphs=None, slot: int | None = None):
         cfg = flow.cfg
         device = flow.input_embedding.weight.device
+        if graphs is not None:
+            if graphs.estimator is not flow.decoder.estimator or left_chunks != graphs.left_chunks:
+                raise ValueError(f"fixed-shape steps of a {graphs.left_chunks}-chunk window over this flow's "
+                                 f"estimator cannot run a stream of window {left_chunks}")
+            if slot is None or not 0 <= slot < graphs.pool.slots:
+                raise ValueError(f"a stream on fixed-shape steps needs a slot in [0, {graphs.pool.slots}), got {slot}")
+            graphs.pool.reset(slot)
         self.flow, self.noise, self.left_chunks = flow, noise, left_chunks
+        self.graphs, self.slot = graphs, slot
         with torch.inference_mode():
             self.spks = flow.speaker(spk_embedding.to(device))  # (80,)
         self.tokens = torch.zeros(0, dtype=torch.long, device=device)  # tokens [enc_done, n)
@@ -237,7 +259,9 @@ class FlowStream:
         self.n = self.enc_done = self.est_done = self.emitted = 0
         self.finished = False
         self.enc_caches = flow.encoder.new_caches()
-        self.est_caches = [flow.decoder.estimator.new_caches() for _ in range(cfg.cfm.n_timesteps)]
+        # Per Euler step; a stream on fixed-shape steps keeps them in its slot of the graphs' pool instead.
+        self.est_caches = ([None] * cfg.cfm.n_timesteps if graphs is not None else
+                           [flow.decoder.estimator.new_caches() for _ in range(cfg.cfm.n_timesteps)])
         self.frames_estimated = 0  # estimator frames the last call ran (per Euler step and CFG row)
         self.tokens_encoded = 0  # encoder tokens the last call ran
 
@@ -251,16 +275,22 @@ class FlowStream:
         return self.flow.stream_step([self], [finalize])[0]
 
     def _caches(self) -> list:
-        return self.enc_caches + [c for step in self.est_caches for c in step]
+        return self.enc_caches + [c for step in self.est_caches if step is not None for c in step]
+
+    def _slot_bytes(self, kv: bool) -> int:
+        """What the stream's slot of the graphs' pool holds while it runs (K/V only, or with the conv tails)."""
+        if self.graphs is None or self.finished:
+            return 0
+        return self.graphs.pool.slot_bytes(tails=not kv)
 
     def cache_bytes(self) -> int:
         """Bytes allocated for this session's left context: K/V buffers (capacity), conv tails, pending mu."""
-        return (sum(c.nbytes() for c in self._caches())
+        return (sum(c.nbytes() for c in self._caches()) + self._slot_bytes(kv=False)
                 + self.mu_pending.numel() * self.mu_pending.element_size())
 
     def kv_allocated(self) -> int:
         """Bytes allocated for keys/values (the buffers' capacity; what state_bytes_bound bounds)."""
-        return sum(c.nbytes() for c in self._caches() if isinstance(c, StreamKVCache))
+        return sum(c.nbytes() for c in self._caches() if isinstance(c, StreamKVCache)) + self._slot_bytes(kv=True)
 
     def kv_bytes(self) -> int:
         """Bytes of committed keys/values alone (what `kv_bytes_per_second` predicts)."""

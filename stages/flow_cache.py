@@ -142,6 +142,8 @@ def causal_pad(x: torch.Tensor, pad: int, span: Span | SpanBatch | None, layer: 
         return x
     if span is None:
         return F.pad(x, (pad, 0))
+    if not isinstance(span, (Span, SpanBatch)):  # a fixed-shape step's span keeps its own state (flow_graph)
+        return span.causal_pad(x, pad, layer)
     spans = span.spans
     caches = [s.cache(layer) for s in spans]
     rows = x.shape[0] // len(spans)
@@ -164,6 +166,8 @@ def visible_keys(k: torch.Tensor, v: torch.Tensor, span: Span | SpanBatch, layer
     ((Tq, Tk), or (B, 1, Tq, Tk) for a batch; boolean, or with `bias` additive in k's dtype) and each stream's first
     key position. A stream's committed keys come from its cache, which also takes this call's; a batch pads every
     stream's keys to the longest."""
+    if not isinstance(span, (Span, SpanBatch)):  # a fixed-shape step's span keeps its own state (flow_graph)
+        return span.visible_keys(k, v, layer, bias)
     dtype = k.dtype if bias else None
     if isinstance(span, Span):
         k_start, cache = span.start, span.cache(layer)

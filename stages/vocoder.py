@@ -30,8 +30,9 @@ import torch
 from omni2.engine.checkpoints.vocoder_dir import VocoderDir
 from omni2.engine.config import VOCODER_SCHEDULES, ConfigError, Limits, VocoderConfig, VocoderOptions
 from omni2.stages.flow import Flow, FlowStream
+from omni2.stages.flow_graph import WindowGraphs
 from omni2.stages.hift import HiFT
-from omni2.stages.layers import prefer_planless_attention
+from omni2.stages.layers import SlotPool, prefer_planless_attention
 
 
 class VocoderError(RuntimeError):
@@ -73,6 +74,7 @@ class _Session:
     spk: torch.Tensor  # (192,) x-vector
     generator: torch.Generator  # HiFT's source randomness
     schedule: str  # VOCODER_SCHEDULES
+    slot: int  # its flow stream's slot in the fixed-shape steps' pool (when the stage has them)
     units: list[int] = field(default_factory=list)
     offset: int = 0  # units whose mel has been voiced
     pushed: int = 0  # units given to the flow stream
@@ -90,9 +92,16 @@ def _fade_in_out(new: torch.Tensor, old_tail: torch.Tensor, window: torch.Tensor
 
 class VocoderStage:
     def __init__(self, flow: Flow, hift, cfg: VocoderConfig, noise: torch.Tensor, voices, limits: Limits = Limits(),
-                 options: VocoderOptions = VocoderOptions(), device="cpu", dtype=torch.float32):
+                 options: VocoderOptions = VocoderOptions(), device="cpu", dtype=torch.float32,
+                 cuda_graphs: bool = False):
         prefer_planless_attention(device)
         self.flow = flow.to(device=device, dtype=dtype).eval()
+        # cuda_graphs: a windowed incremental flow runs its Euler steps on fixed shapes over a pool of one slot per
+        # session (stages/flow_graph.py), replayed as CUDA graphs on a CUDA device. The exact flow (no window) and
+        # the recompute mode have no fixed shape: they stay dynamic.
+        self.graphs = None
+        if cuda_graphs and options.mode == "incremental" and options.left_chunks is not None:
+            self.graphs = WindowGraphs.for_flow(self.flow, limits.max_sessions, options.left_chunks, options.max_batch)
         self.hift = hift.to(device=device, dtype=dtype).eval()
         self.cfg, self.opts, self.limits = cfg, options, limits
         self.noise = noise.to(device=device, dtype=dtype)
@@ -106,13 +115,15 @@ class VocoderStage:
         # np.hamming(2 * 3840) as upstream, kept in float64 then cast like its torch.from_numpy use.
         self.window = torch.from_numpy(np.hamming(2 * cfg.source_cache_len)).to(device=device, dtype=dtype)
         self.sessions: dict[str, _Session] = {}
+        self.slots = SlotPool(limits.max_sessions, "vocoder", VocoderError)
 
     @classmethod
     def from_checkpoint(cls, vocoder_dir, limits: Limits = Limits(), options: VocoderOptions = VocoderOptions(),
-                        device="cpu", dtype=torch.float32, voices_dir: str | Path | None = None) -> VocoderStage:
+                        device="cpu", dtype=torch.float32, voices_dir: str | Path | None = None,
+                        cuda_graphs: bool = False) -> VocoderStage:
         vd = vocoder_dir if isinstance(vocoder_dir, VocoderDir) else VocoderDir(vocoder_dir, voices_dir)
         return cls(load_flow(vd, device, dtype), load_hift(vd, device, dtype), vd.config, vd.noise(), vd, limits,
-                   options, device, dtype)
+                   options, device, dtype, cuda_graphs)
 
     def _hop_fits(self, cfg: VocoderConfig) -> bool:
         return self.hop * cfg.flow.token_mel_ratio >= cfg.mel_cache_len
@@ -137,19 +148,22 @@ class VocoderStage:
         if schedule == "hop" and not self._hop_fits(self.cfg):
             raise VocoderError(self._hop_error(self.cfg))
         spk = self.voices.voice(voice).to(self.device, self.dtype)  # unknown voice -> CheckpointError
-        self.sessions[session_id] = _Session(spk, torch.Generator(device=self.device).manual_seed(seed), schedule)
+        self.sessions[session_id] = _Session(spk, torch.Generator(device=self.device).manual_seed(seed), schedule,
+                                             self.slots.take(session_id, self.sessions))
 
     def schedule(self, session_id: str) -> str:
         return self.sessions[session_id].schedule
 
     def close(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+        s = self.sessions.pop(session_id, None)
+        if s is not None:
+            self.slots.give(s.slot)
 
     def cancel(self, session_id: str) -> None:
         """Drop the reply in progress (barge-in); the voice and seed stream stay."""
         s = self.sessions.get(session_id)
         if s is not None:
-            self.sessions[session_id] = _Session(s.spk, s.generator, s.schedule)
+            self.sessions[session_id] = _Session(s.spk, s.generator, s.schedule, s.slot)
 
     def rng_state(self, session_id: str) -> torch.Tensor:
         """The state of the session's random generator: with it, `restore` carries the session on elsewhere."""
@@ -247,7 +261,8 @@ class VocoderStage:
         else:
             for s, n, _ in calls:
                 if s.stream is None:
-                    s.stream = self.flow.new_stream(s.spk, self.noise, self.opts.left_chunks)
+                    s.stream = self.flow.new_stream(s.spk, self.noise, self.opts.left_chunks, self.graphs,
+                                                    s.slot if self.graphs is not None else None)
                 s.stream.push(torch.tensor(s.units[s.pushed:n], device=self.device))
                 s.pushed = n
             mels = self.flow.stream_step([s.stream for s, _, _ in calls], [f for _, _, f in calls])

@@ -427,7 +427,7 @@ def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: t
     """Load one stage from the official directories and wrap it."""
     if stage == "vocoder":
         return VocoderRunner(VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options,
-                                                          device=device, dtype=dtype))
+                                                          device=device, dtype=dtype, cuda_graphs=cuda_graphs))
     md = ModelDir(model_dir)
     if stage == "asr":
         return AsrRunner(ASRStage.from_checkpoint(md, device=device, dtype=dtype), limits, asr_batch)

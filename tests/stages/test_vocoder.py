@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omni2.engine.config import CheckpointError, ConfigError, VocoderOptions
+from omni2.engine.config import CheckpointError, ConfigError, Limits, VocoderOptions
 from omni2.stages.vocoder import VocoderError, VocoderInput, VocoderStage
 
 from . import oracle_flow_encoder, oracle_flow_estimator, oracle_hift
@@ -270,3 +270,49 @@ def test_bfloat16_runs_and_its_mel_stays_near_float32(tiny_vocoder):
     assert rel < REL_BF16
     assert pcm[torch.bfloat16].shape == (40 * 960,) and np.isfinite(pcm[torch.bfloat16]).all()
     assert np.sqrt(np.mean(pcm[torch.bfloat16] ** 2)) > 0.01
+
+
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_batch):
+    """With cuda_graphs and a window (the serving default), the flow's Euler steps run on fixed shapes over a pool
+    of one slot per session (stages/flow_graph.py; eagerly on a CPU). Eight sessions with different reply lengths
+    and starts, one cancelled mid-reply and answering again in its slot, one closed and its slot reopened: every
+    session's PCM equals the dynamic windowed stage's to fp32 rounding, which HiFT's phase integration magnifies from
+    the flow's ~1e-6 (tests/stages/test_flow_graph.py) as it does a batch's (ERR)."""
+    rng = np.random.default_rng(8)
+    replies = [rng.integers(0, 6561, n).tolist() for n in (23, 61, 10, 97, 45, 8, 79, 140)]
+    writes = [[r[i:i + 10] for i in range(0, len(r), 10)] for r in replies]
+    start = [0, 1, 0, 2, 5, 3, 0, 1]
+    opts = VocoderOptions(left_chunks=1, max_batch=max_batch)
+
+    def drive(stage) -> list[np.ndarray]:
+        for i in range(8):
+            stage.open(f"s{i}", seed=i)
+        stage.step([VocoderInput("s3", replies[0][:30])])  # a reply cancelled mid-way: s3 answers again after it
+        stage.cancel("s3")
+        stage.open("gone", seed=9)  # a session that comes and goes: its slot is reused below
+        stage.step([VocoderInput("gone", replies[1][:20])])
+        stage.close("gone")
+        stage.close("s5")
+        stage.open("s5", seed=5)
+        pcm = [[] for _ in range(8)]
+        for t in range(max(s + len(w) for s, w in zip(start, writes))):
+            inputs = [VocoderInput(f"s{i}", w[t - start[i]], final=t - start[i] == len(w) - 1)
+                      for i, w in enumerate(writes) if 0 <= t - start[i] < len(w)]
+            for o in stage.step(inputs):
+                pcm[int(o.session_id[1:])].append(o.pcm)
+        for i in range(8):
+            stage.close(f"s{i}")
+        return [np.concatenate(p) for p in pcm]
+
+    limits = Limits(max_sessions=9)
+    fixed_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, cuda_graphs=True)
+    assert fixed_stage.graphs is not None and not fixed_stage.graphs.capture
+    fixed = drive(fixed_stage)
+    dynamic = drive(VocoderStage.from_checkpoint(tiny_vocoder, limits, opts))
+    for a, b, r in zip(fixed, dynamic, replies):
+        assert a.shape == b.shape == (len(r) * 960,)
+        assert np.abs(a - b).max() < ERR["incremental"], np.abs(a - b).max()  # measured <= 2.3e-3
+        assert np.sqrt(np.mean((a - b) ** 2)) < 1e-4  # measured <= 6.5e-5, of a PCM rms ~0.12
+    # The exact flow (no window) has no fixed shape: it stays dynamic.
+    assert VocoderStage.from_checkpoint(tiny_vocoder, options=VocoderOptions(), cuda_graphs=True).graphs is None
