@@ -1,5 +1,5 @@
-"""Where one step's time goes: a TTS LM decode step (dynamic, and on fixed shapes replayed as CUDA graphs) and a
-live vocoder write, under torch.profiler.
+"""Where one step's time goes: a TTS LM decode step and a live vocoder write, each dynamic and on fixed shapes
+replayed as CUDA graphs, under torch.profiler.
 
     .venv/bin/python bench/profile_step.py --preset tiny
     python3 bench/profile_step.py --preset 0.5b --device cuda --root /tmp/ck   # on a GPU machine
@@ -7,8 +7,8 @@ live vocoder write, under torch.profiler.
 For each: the wall time of a step (median of --iters, synchronised), the device time its kernels took, how many
 kernels it launched, and the ops that cost the most host (CPU) time and device time. A step whose kernels take a
 small part of its wall time is bound by the host: Python and launch overhead, which CUDA graphs remove; one whose
-kernels fill it is bound by the device. On a CPU the fixed-shape TTS step runs eagerly: what it shows there is the
-cost of its padding, not of graphs.
+kernels fill it is bound by the device. On a CPU the fixed-shape steps run eagerly: what they show there is the
+cost of their padding, not of graphs.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.config import SERVING_LEFT_CHUNKS, Limits, SamplingParams, TTSOptions, VocoderOptions
+from omni2.stages.flow_graph import REPLAY
 from omni2.stages.tts import TTSInput, TTSStage
 from omni2.stages.vocoder import VocoderInput, VocoderStage
 
@@ -51,11 +52,12 @@ def tts_step(md: ModelDir, device, dtype, sessions: int, cuda_graphs: bool = Fal
     return step
 
 
-def vocoder_write(vocoder_dir: Path, device, dtype, sessions: int, left_chunks: int):
-    """A callable voicing one 10-unit write of each of `sessions` sessions (live schedule, window left_chunks)."""
+def vocoder_write(vocoder_dir: Path, device, dtype, sessions: int, left_chunks: int, cuda_graphs: bool = False):
+    """A callable voicing one 10-unit write of each of `sessions` sessions (live schedule, window left_chunks;
+    with cuda_graphs the flow's Euler steps on fixed shapes)."""
     opts = VocoderOptions(schedule="live", left_chunks=left_chunks, max_batch=max(sessions, 1))
     stage = VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=sessions), opts, device=device,
-                                         dtype=dtype)
+                                         dtype=dtype, cuda_graphs=cuda_graphs)
     rng = np.random.default_rng(0)
     for i in range(sessions):
         stage.open(f"s{i}", seed=i)
@@ -63,6 +65,14 @@ def vocoder_write(vocoder_dir: Path, device, dtype, sessions: int, left_chunks: 
     def step():
         stage.step([VocoderInput(f"s{i}", rng.integers(0, 6561, 10).tolist()) for i in range(sessions)])
     return step
+
+
+def under(event, label: str) -> bool:
+    """Does a profiled op run inside a record_function(label)?"""
+    parent = event.cpu_parent
+    while parent is not None and parent.name != label:
+        parent = parent.cpu_parent
+    return parent is not None
 
 
 def report(name: str, step, device: torch.device, warmup: int, iters: int, rows: int) -> None:
@@ -75,8 +85,10 @@ def report(name: str, step, device: torch.device, warmup: int, iters: int, rows:
     device_ms = sum(e.self_device_time_total for e in events) / 1e3
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    replayed = sum(1 for e in prof.events() if e.name.startswith("aten::") and under(e, REPLAY))
+    graphed = f" ({replayed} inside the flow's graphs)" if replayed else ""
     print(f"\n== {name}: wall {wall:.1f} ms per step (median of {iters}); device kernels {device_ms:.1f} ms "
-          f"({100 * device_ms / wall:.0f}% of wall), {len(kernels)} kernel launches, {ops} aten ops")
+          f"({100 * device_ms / wall:.0f}% of wall), {len(kernels)} kernel launches, {ops} aten ops{graphed}")
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
     if device.type == "cuda":
         print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=48))
@@ -103,17 +115,18 @@ def main(argv=None) -> None:
     torch.set_grad_enabled(False)
     print(f"preset {args.preset}  device {device}  dtype {str(dtype).split('.')[-1]}  "
           f"torch threads {torch.get_num_threads()}")
+    fixed = "fixed shapes, CUDA graphs" if device.type == "cuda" else "fixed shapes, eager"
     for n in args.sessions:
-        if args.only in (None, "tts"):
-            for graphs in (False, True):
-                name = "fixed shapes, CUDA graphs" if device.type == "cuda" else "fixed shapes, eager"
-                report(f"TTS decode step, {n} session(s), {name if graphs else 'dynamic'}",
+        for graphs in (False, True):
+            how = fixed if graphs else "dynamic"
+            if args.only in (None, "tts"):
+                report(f"TTS decode step, {n} session(s), {how}",
                        tts_step(ModelDir(model_dir), device, dtype, n, graphs), device, args.warmup, args.iters,
                        args.rows)
-        if args.only in (None, "vocoder"):
-            report(f"vocoder live write of 10 units, {n} session(s), window {args.left_chunks}",
-                   vocoder_write(vocoder_dir, device, dtype, n, args.left_chunks), device, args.warmup, args.iters,
-                   args.rows)
+            if args.only in (None, "vocoder"):
+                report(f"vocoder live write of 10 units, {n} session(s), window {args.left_chunks}, {how}",
+                       vocoder_write(vocoder_dir, device, dtype, n, args.left_chunks, graphs), device, args.warmup,
+                       args.iters, args.rows)
 
 
 if __name__ == "__main__":

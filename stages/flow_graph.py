@@ -31,6 +31,7 @@ from omni2.stages.flow_estimator import Attention, CausalConv1d, FlowEstimator
 
 MIN_FRAMES = 32  # narrowest width bucket: a live write of 10 units opens at least 14 frames
 MAX_FRAMES = 256  # widest captured: a live write opens at most a chunk + 2 * (W + 3) frames; wider calls run eagerly
+REPLAY = "flow_graph.replay"  # the profiler label of a replay (bench/profile_step.py counts its ops)
 
 
 class WindowPool:
@@ -254,7 +255,8 @@ class WindowGraphs:
             b.mu[i, :, :mi.shape[1]].copy_(mi)
         b.spks[:n].copy_(spks)
         self._load(solve, slots, starts, lengths, commits)
-        solve.replay()
+        with torch.profiler.record_function(REPLAY):  # what a graph replays, as profilers count it
+            solve.replay()
         return [solve.mel[i, :, :m].clone() for i, m in enumerate(lengths)]
 
     def _load(self, solve: _Solve, slots: list[int], starts: list[int], lengths: list[int], commits: list[int]
