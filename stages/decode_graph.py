@@ -71,6 +71,25 @@ def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
     return graph
 
 
+class GraphedRun:
+    """One fixed-shape bucket's computation (`run`, which a subclass defines) and its CUDA graph once captured;
+    `replay` runs the graph, or the computation eagerly where none was captured."""
+
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def capture(self, pool) -> None:
+        self.graph = capture_graph(self.run, pool)
+
+    def replay(self) -> None:
+        if self.graph is None:
+            self.run()
+        else:
+            self.graph.replay()
+
+
 class StaticBatch:
     """What the layers read from a `layers.Batch`, as buffers of fixed shape that a captured graph reads in place:
     `rows` rows of `tokens` tokens each, keys up to `kv_len`. A step overwrites `embeds`, `slots`, `starts`,
@@ -99,25 +118,18 @@ class StaticBatch:
         torch.le(self._keys[None, None, :], self.positions[:, :, None], out=self.mask)  # (B, T, L) causal
 
 
-class _Step:
-    """One (rows, tokens, keys) bucket: its buffers, its outputs, and its graph once captured."""
+class _Step(GraphedRun):
+    """One (rows, tokens, keys) bucket: its buffers and its outputs."""
 
     def __init__(self, lm: Qwen2LM, cache: SlotKVCache, shape: tuple[int, int, int], head: bool):
         self.lm, self.cache, self.head = lm, cache, head
         self.batch = StaticBatch(*shape, lm.cfg.hidden_size, cache.k[0].device, cache.k[0].dtype)
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.hidden: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
 
     def run(self) -> None:
         self.batch.refresh()
         self.hidden, self.logits = self.lm(self.batch.embeds, self.batch, self.cache, self.head)
-
-    def replay(self) -> None:
-        if self.graph is None:
-            self.run()
-        else:
-            self.graph.replay()
 
 
 class DecodeGraphs:
@@ -167,7 +179,7 @@ class DecodeGraphs:
             step = self.steps[shape] = _Step(self.lm, self.cache, shape, self.head)
             if self.capture:
                 self._load(step, [], [], [])
-                step.graph = capture_graph(step.run, self.pool)
+                step.capture(self.pool)
         return step
 
     @torch.inference_mode()

@@ -213,19 +213,16 @@ class _Plan:
     L: int  # mel frames emitted after this call
     done: int  # tokens committed after this call
     est_new: int  # frames committed after this call
+    start: int  # the estimator's open frames [start, L)
     tok: Span
     frm: Span
-    est: list[Span]  # per Euler step
+    est: list[Span] | None  # per Euler step; None for a stream whose estimator state is in a pool (flow_graph)
     mu: torch.Tensor | None = None
     mel: torch.Tensor | None = None
 
     @property
-    def start(self) -> int:
-        return self.est[0].start
-
-    @property
     def frames(self) -> int:
-        return self.est[0].length
+        return self.L - self.start
 
 
 class FlowStream:
@@ -260,8 +257,8 @@ class FlowStream:
         self.finished = False
         self.enc_caches = flow.encoder.new_caches()
         # Per Euler step; a stream on fixed-shape steps keeps them in its slot of the graphs' pool instead.
-        self.est_caches = ([None] * cfg.cfm.n_timesteps if graphs is not None else
-                           [flow.decoder.estimator.new_caches() for _ in range(cfg.cfm.n_timesteps)])
+        self.est_caches = [] if graphs is not None else [flow.decoder.estimator.new_caches()
+                                                         for _ in range(cfg.cfm.n_timesteps)]
         self.frames_estimated = 0  # estimator frames the last call ran (per Euler step and CFG row)
         self.tokens_encoded = 0  # encoder tokens the last call ran
 
@@ -275,7 +272,7 @@ class FlowStream:
         return self.flow.stream_step([self], [finalize])[0]
 
     def _caches(self) -> list:
-        return self.enc_caches + [c for step in self.est_caches if step is not None for c in step]
+        return self.enc_caches + [c for step in self.est_caches for c in step]
 
     def _slot_bytes(self, kv: bool) -> int:
         """What the stream's slot of the graphs' pool holds while it runs (K/V only, or with the conv tails)."""
@@ -320,8 +317,9 @@ class FlowStream:
         # Estimator over the open frames [est_done, L): an estimator chunk is final once all its mu are final.
         est_new = self.est_done if finalize else max(self.est_done, r * done // cd * cd)
         start = self.est_done
-        est = [Span(start, L - start, cd, est_new - start, self.left_chunks, caches) for caches in self.est_caches]
-        return _Plan(finalize, L, done, est_new, tok, frm, est)
+        est = None if self.graphs is not None else [Span(start, L - start, cd, est_new - start, self.left_chunks,
+                                                         caches) for caches in self.est_caches]
+        return _Plan(finalize, L, done, est_new, start, tok, frm, est)
 
     def _commit(self, p: _Plan | None) -> torch.Tensor:
         """Take the plan's results: keep the final mu, move the commit points, return the new frames."""

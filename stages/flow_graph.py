@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 
 from omni2.engine.config import CFMConfig
-from omni2.stages.decode_graph import bucket, buckets, capture_graph
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets
 from omni2.stages.flow import Flow, solve_euler_batch
+from omni2.stages.flow_cache import additive
 from omni2.stages.flow_estimator import Attention, CausalConv1d, FlowEstimator
 
 MIN_FRAMES = 32  # narrowest width bucket: a live write of 10 units opens at least 14 frames
@@ -38,8 +39,10 @@ class WindowPool:
     """Every windowed stream's estimator state, one slot per stream, at fixed addresses (see the module docstring);
     slot `slots` is the padding's."""
 
-    def __init__(self, estimator: FlowEstimator, steps: int, slots: int, window: int, device, dtype):
+    def __init__(self, estimator: FlowEstimator, steps: int, slots: int, window: int):
         self.slots, self.spare, self.window = slots, slots, window
+        w = estimator.final_proj.weight
+        self.device, self.dtype = device, dtype = w.device, w.dtype
         # By the layer's slot (flow_cache.assign_slots): K, V (steps, slots + 1, 2, H, window, D) of an attention
         # layer; the tail (steps, slots + 1, 2, C, kernel - 1) of a causal conv.
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -81,7 +84,7 @@ class WindowBatch:
         self.spks = torch.zeros(rows, channels, device=device, dtype=dtype)
         self._cols = torch.arange(width, device=device)
         self._keys = torch.arange(self.window, device=device)
-        self.slots = self.bias = self.kv_index = None
+        self.slots = self.visible = self.bias = self.kv_index = None
         self.tail_index: dict[int, torch.Tensor] = {}
 
     def refresh(self) -> None:
@@ -97,9 +100,8 @@ class WindowBatch:
         real = torch.cat([keys < cached[:, None], cols < length[:, None]], dim=1)
         visible = real[:, None, :] & (k_pos[:, None, :] < hi[:, :, None]) & (k_pos[:, None, :] >= lo[:, :, None])
         visible[:, :, K] |= cols[None, :] >= length[:, None]  # a padding query reads one key: no fully masked row
-        visible = visible.repeat_interleave(2, dim=0)[:, None]  # (2B, 1, T, K + T): both CFG rows
-        self.bias = torch.zeros(visible.shape, dtype=self.dtype, device=visible.device).masked_fill_(
-            ~visible, float("-inf"))
+        self.visible = visible.repeat_interleave(2, dim=0)[:, None]  # (2B, 1, T, K + T): both CFG rows
+        self.bias = additive(self.visible, self.dtype)
         # Kept keys: the last min(cached + commit, K) of [cached..., the commit's open ones...]; the rest is stale.
         kept = torch.clamp(cached + commit, max=K)
         i = (cached + commit - kept)[:, None] + keys  # (B, K): index into that sequence
@@ -133,11 +135,11 @@ class WindowSpan:
         idx = b.kv_index.expand(-1, k.shape[1], -1, k.shape[3])
         K.index_copy_(0, b.slots, keys.gather(2, idx).unflatten(0, (-1, 2)))
         V.index_copy_(0, b.slots, values.gather(2, idx).unflatten(0, (-1, 2)))
-        return keys, values, b.bias if bias else b.bias == 0, None
+        return keys, values, b.bias if bias else b.visible, None
 
 
-class _Solve:
-    """One (rows, width) bucket: its buffers, its output, and its graph once captured."""
+class _Solve(GraphedRun):
+    """One (rows, width) bucket: its buffers and its output."""
 
     def __init__(self, graphs: WindowGraphs, rows: int, width: int):
         self.graphs = graphs
@@ -145,19 +147,12 @@ class _Solve:
         self.batch = WindowBatch(rows, width, graphs.chunk, graphs.left_chunks, p.pads, graphs.channels,
                                  graphs.device, graphs.dtype)
         self.spans = [WindowSpan(self.batch, p, s) for s in range(graphs.cfm.n_timesteps)]
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.mel: torch.Tensor | None = None
 
     def run(self) -> None:
         b = self.batch
         b.refresh()
         self.mel = solve_euler_batch(self.graphs.estimator, self.graphs.cfm, b.z, b.mu, b.spks, b.cond, self.spans)
-
-    def replay(self) -> None:
-        if self.graph is None:
-            self.run()
-        else:
-            self.graph.replay()
 
 
 class WindowGraphs:
@@ -173,8 +168,7 @@ class WindowGraphs:
                              f"{chunk * left_chunks}")
         self.estimator, self.cfm, self.pool = estimator, cfm, pool
         self.chunk, self.left_chunks, self.max_batch = chunk, left_chunks, max_batch
-        w = estimator.final_proj.weight
-        self.device, self.dtype, self.channels = w.device, w.dtype, w.shape[0]
+        self.device, self.dtype, self.channels = pool.device, pool.dtype, estimator.final_proj.out_channels
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the estimator on a CUDA device")
@@ -187,9 +181,8 @@ class WindowGraphs:
         """A pool of `slots` streams for `flow`'s estimator, and on CUDA every bucket captured now (as the stage
         loads, so that no reply waits for a capture)."""
         est, cfg = flow.decoder.estimator, flow.cfg
-        w = est.final_proj.weight
         chunk = cfg.estimator.static_chunk_size
-        pool = WindowPool(est, cfg.cfm.n_timesteps, slots, chunk * left_chunks, w.device, w.dtype)
+        pool = WindowPool(est, cfg.cfm.n_timesteps, slots, chunk * left_chunks)
         graphs = cls(est, cfg.cfm, pool, chunk, left_chunks, max_batch, capture)
         if graphs.capture:
             graphs.warm()
@@ -224,7 +217,7 @@ class WindowGraphs:
             self.solves[shape] = solve
             if self.capture:
                 self._load(solve, [], [], [], [])
-                solve.graph = capture_graph(solve.run, self.graph_pool)
+                solve.capture(self.graph_pool)
         return solve
 
     @torch.inference_mode()
