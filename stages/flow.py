@@ -158,8 +158,8 @@ class Flow(nn.Module):
 
     def new_stream(self, spk_embedding: torch.Tensor, noise: torch.Tensor, left_chunks: int | None = None,
                    graphs=None, slot: int | None = None) -> FlowStream:
-        """`graphs` (a flow_graph.WindowGraphs over this flow's estimator) and `slot`: the stream keeps its estimator
-        state in that slot of the graphs' pool and runs its Euler steps on their fixed shapes."""
+        """`graphs` (a flow_graph.WindowGraphs over this flow) and `slot`: the stream keeps its encoder and estimator
+        state in that slot of the graphs' pools and runs its encoder pass and Euler steps on their fixed shapes."""
         return FlowStream(self, spk_embedding, noise, left_chunks, graphs, slot)
 
     @torch.inference_mode()
@@ -171,22 +171,27 @@ class Flow(nn.Module):
         work = [(s, p) for s, p in zip(streams, plans) if p is not None]
         if work:
             cfg, device = self.cfg, self.input_embedding.weight.device
+            graphs = {id(s.graphs): s.graphs for s, _ in work}
+            if len(graphs) > 1:
+                raise ValueError("one step cannot mix streams with and without fixed-shape flow steps")
+            (graphs,) = graphs.values()
             # 1. Encoder over the open tokens [enc_done, n) of each stream.
-            width = max(len(s.tokens) for s, _ in work)
-            tokens = torch.stack([F.pad(s.tokens, (0, width - len(s.tokens))) for s, _ in work])
-            mu_new = self.encode_batch(tokens, batch_of([p.tok for _, p in work]), batch_of([p.frm for _, p in work]))
+            if graphs is not None:
+                mu_new = graphs.encode([s.slot for s, _ in work], [p.tok.start for _, p in work],
+                                       [p.tok.commit for _, p in work], [s.tokens for s, _ in work])
+            else:
+                width = max(len(s.tokens) for s, _ in work)
+                tokens = torch.stack([F.pad(s.tokens, (0, width - len(s.tokens))) for s, _ in work])
+                mu_new = self.encode_batch(tokens, batch_of([p.tok for _, p in work]),
+                                           batch_of([p.frm for _, p in work]))
             # 2. Estimator over the open frames [est_done, L) of each stream.
             mus, zs = [], []
             for b, (s, p) in enumerate(work):
-                mu = torch.cat([s.mu_pending, mu_new[b, :, :cfg.token_mel_ratio * len(s.tokens)]], dim=1)
+                mu = torch.cat([s.mu_pending, mu_new[b][:, :cfg.token_mel_ratio * len(s.tokens)]], dim=1)
                 p.mu = mu  # frames [est_done, r*n)
                 mus.append(mu[:, :p.frames])
                 zs.append(s.noise[0, :, p.start:p.start + p.frames].to(device) * cfg.cfm.temperature)
             spks = torch.stack([s.spks for s, _ in work])
-            graphs = {id(s.graphs): s.graphs for s, _ in work}
-            if len(graphs) > 1:
-                raise ValueError("one step cannot mix streams with and without fixed-shape estimator steps")
-            (graphs,) = graphs.values()
             if graphs is not None:
                 mels = graphs.solve([s.slot for s, _ in work], [p.start for _, p in work],
                                     [p.frames for _, p in work], [p.est_new - p.start for _, p in work], zs, mus, spks)
@@ -240,12 +245,12 @@ class FlowStream:
         cfg = flow.cfg
         device = flow.input_embedding.weight.device
         if graphs is not None:
-            if graphs.estimator is not flow.decoder.estimator or left_chunks != graphs.left_chunks:
-                raise ValueError(f"fixed-shape steps of a {graphs.left_chunks}-chunk window over this flow's "
-                                 f"estimator cannot run a stream of window {left_chunks}")
-            if slot is None or not 0 <= slot < graphs.pool.slots:
-                raise ValueError(f"a stream on fixed-shape steps needs a slot in [0, {graphs.pool.slots}), got {slot}")
-            graphs.pool.reset(slot)
+            if graphs.flow is not flow or left_chunks != graphs.left_chunks:
+                raise ValueError(f"fixed-shape steps of a {graphs.left_chunks}-chunk window over this flow "
+                                 f"cannot run a stream of window {left_chunks}")
+            if slot is None or not 0 <= slot < graphs.slots:
+                raise ValueError(f"a stream on fixed-shape steps needs a slot in [0, {graphs.slots}), got {slot}")
+            graphs.reset(slot)
         self.flow, self.noise, self.left_chunks = flow, noise, left_chunks
         self.graphs, self.slot = graphs, slot
         with torch.inference_mode():
@@ -255,8 +260,8 @@ class FlowStream:
         self.mu_pending = torch.zeros(cfg.output_size, 0, device=device, dtype=flow.input_embedding.weight.dtype)
         self.n = self.enc_done = self.est_done = self.emitted = 0
         self.finished = False
-        self.enc_caches = flow.encoder.new_caches()
-        # Per Euler step; a stream on fixed-shape steps keeps them in its slot of the graphs' pool instead.
+        # The estimator's per Euler step; a stream on fixed-shape steps keeps both in its slot of the graphs' pools.
+        self.enc_caches = [] if graphs is not None else flow.encoder.new_caches()
         self.est_caches = [] if graphs is not None else [flow.decoder.estimator.new_caches()
                                                          for _ in range(cfg.cfm.n_timesteps)]
         self.frames_estimated = 0  # estimator frames the last call ran (per Euler step and CFG row)
@@ -275,10 +280,10 @@ class FlowStream:
         return self.enc_caches + [c for step in self.est_caches for c in step]
 
     def _slot_bytes(self, kv: bool) -> int:
-        """What the stream's slot of the graphs' pool holds while it runs (K/V only, or with the conv tails)."""
+        """What the stream's slot of the graphs' pools holds while it runs (K/V only, or with the conv tails)."""
         if self.graphs is None or self.finished:
             return 0
-        return self.graphs.pool.slot_bytes(tails=not kv)
+        return self.graphs.slot_bytes(tails=not kv)
 
     def cache_bytes(self) -> int:
         """Bytes allocated for this session's left context: K/V buffers (capacity), conv tails, pending mu."""

@@ -73,26 +73,36 @@ class RelPosAttention(nn.Module):
             # Grow geometrically so a stream's ever longer context rebuilds the table O(log) times.
             new_lo = min(lo, self._lo) if have else lo
             new_hi = max(hi, self._lo + 2 * self._table.shape[0]) if have else hi
-            with torch.no_grad():
-                self._table = self.linear_pos(rel_pos_rows(new_lo, new_hi, w.shape[1], w.device).to(w.dtype))
+            self._table = self.project_rows(new_lo, new_hi)
             self._lo, self._key = new_lo, key
         return self._table[lo - self._lo:hi - self._lo]
 
-    def rel_scores(self, q: torch.Tensor, span: Span | SpanBatch, k_starts: list[int], n_keys: int) -> torch.Tensor:
+    @torch.no_grad()
+    def project_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """linear_pos(pe) for distances [lo, hi), computed now (pos_rows keeps a table of them)."""
+        w = self.linear_pos.weight
+        return self.linear_pos(rel_pos_rows(lo, hi, w.shape[1], w.device).to(w.dtype))
+
+    def rel_scores(self, q: torch.Tensor, span, k_starts: list[int] | None, n_keys: int) -> torch.Tensor:
         """(B, H, Tq, d_k) queries (with bias v) . projected row of distance i - j -> (B, H, Tq, n_keys), for
-        each stream's queries at its span positions and keys at [k_start, k_start + n_keys)."""
-        spans = span.spans
-        # A visible key lies before the end of its query's chunk, so distances below 1 - chunk are always masked:
-        # clamp them instead of projecting rows nobody reads.
-        lo = min(max(s.start - (k0 + n_keys - 1), 1 - s.chunk) for s, k0 in zip(spans, k_starts))
-        hi = max(s.start + span.width - k0 for s, k0 in zip(spans, k_starts))  # one past the largest distance
-        p = self.pos_rows(lo, hi).view(hi - lo, self.h, self.d_k).transpose(0, 1)  # (H, R, d_k)
+        each stream's queries at its span positions and keys at [k_start, k_start + n_keys) (a fixed-shape
+        step's span, flow_graph.WindowSpan, knows its own rows and distances)."""
+        if isinstance(span, (Span, SpanBatch)):
+            spans = span.spans
+            # A visible key lies before the end of its query's chunk, so distances below 1 - chunk are always
+            # masked: clamp them instead of projecting rows nobody reads.
+            lo = min(max(s.start - (k0 + n_keys - 1), 1 - s.chunk) for s, k0 in zip(spans, k_starts))
+            hi = max(s.start + span.width - k0 for s, k0 in zip(spans, k_starts))  # one past the largest distance
+            rows = self.pos_rows(lo, hi)
+            cols = torch.arange(span.width, device=q.device)
+            idx = torch.stack([(s.start + cols)[:, None] - torch.arange(k0, k0 + n_keys, device=q.device)[None, :]
+                               for s, k0 in zip(spans, k_starts)])  # (streams, Tq, Tk)
+            idx = idx.clamp(min=lo) - lo
+        else:
+            rows, idx = span.rel_positions(self)
+        p = rows.view(rows.shape[0], self.h, self.d_k).transpose(0, 1)  # (H, R, d_k)
         by_distance = torch.matmul(q, p.transpose(-2, -1))  # (B, H, Tq, R)
-        cols = torch.arange(span.width, device=q.device)
-        idx = torch.stack([(s.start + cols)[:, None] - torch.arange(k0, k0 + n_keys, device=q.device)[None, :]
-                           for s, k0 in zip(spans, k_starts)])  # (streams, Tq, Tk)
-        idx = idx.clamp(min=lo) - lo
-        idx = idx.repeat_interleave(q.shape[0] // len(spans), dim=0)[:, None]  # (B, 1, Tq, Tk)
+        idx = idx.repeat_interleave(q.shape[0] // idx.shape[0], dim=0)[:, None]  # (B, 1, Tq, Tk)
         return by_distance.gather(-1, idx.expand(-1, q.shape[1], -1, -1))
 
     def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:
@@ -167,8 +177,8 @@ class PreLookahead(nn.Module):
 
     def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:  # (B, T, C)
         h = x.transpose(1, 2)
-        if isinstance(span, SpanBatch) and span.ragged:  # a shorter stream's own zero pad starts at its end
-            h = h * span.valid(x.shape[0] // len(span.spans), x.device)[:, None, :]
+        if getattr(span, "ragged", False):  # a shorter stream's own zero pad starts at its end
+            h = h * span.valid(x.shape[0], x.device)[:, None, :]
         h = F.pad(h, (0, self.lookahead))
         h = F.leaky_relu(self.conv1(h))  # slope 0.01
         h = self.conv2(causal_pad(h, 2, span, self))

@@ -96,9 +96,9 @@ class VocoderStage:
                  cuda_graphs: bool = False):
         prefer_planless_attention(device)
         self.flow = flow.to(device=device, dtype=dtype).eval()
-        # cuda_graphs: a windowed incremental flow runs its Euler steps on fixed shapes over a pool of one slot per
-        # session (stages/flow_graph.py), replayed as CUDA graphs on a CUDA device. The exact flow (no window) and
-        # the recompute mode have no fixed shape: they stay dynamic.
+        # cuda_graphs: a windowed incremental flow runs its encoder pass and Euler steps on fixed shapes over pools
+        # of one slot per session (stages/flow_graph.py), replayed as CUDA graphs on a CUDA device. The exact flow
+        # (no window) and the recompute mode have no fixed shape: they stay dynamic.
         self.graphs = None
         if cuda_graphs and options.mode == "incremental" and options.left_chunks is not None:
             self.graphs = WindowGraphs.for_flow(self.flow, limits.max_sessions, options.left_chunks, options.max_batch)

@@ -1,4 +1,4 @@
-"""The flow estimator's Euler steps on fixed shapes (stages/flow_graph.py) against FlowStream's windowed estimator.
+"""The flow's encoder pass and Euler steps on fixed shapes (stages/flow_graph.py) against FlowStream's windowed flow.
 
 On a CPU the fixed-shape steps run eagerly: the same code a CUDA graph captures, so equality here is what makes a
 replay right; the replay itself is compared with the eager step on CUDA (gpu.sh runs the tests naming cuda)."""
@@ -11,7 +11,7 @@ import torch
 from omni2.stages import flow_graph
 from omni2.stages.flow import Flow, make_noise
 from omni2.stages.flow_graph import WindowGraphs
-from tests.stages.test_flow import CD, T_REPLY, bursts, randomize, replies, small_cfg
+from tests.stages.test_flow import CD, CE, T_REPLY, bursts, randomize, replies, small_cfg
 
 SLOTS = 6
 
@@ -28,8 +28,9 @@ def _inference():
 
 
 def pool_state(graphs: WindowGraphs) -> list[torch.Tensor]:
-    return [t.clone() for k, v in graphs.pool.kv.values() for t in (k, v)] + [
-        t.clone() for t in graphs.pool.tails.values()]
+    """Every tensor of both pools, (steps, slots + 1, ...) each."""
+    return [t.clone() for pool in (graphs.pool, graphs.enc_pool) for t in (
+        *[t for k, v in pool.kv.values() for t in (k, v)], *pool.tails.values())]
 
 
 def drive(flow: Flow, left: int, graphs: WindowGraphs | None, slots: list[int]) -> list[list[torch.Tensor]]:
@@ -57,7 +58,7 @@ def drive(flow: Flow, left: int, graphs: WindowGraphs | None, slots: list[int]) 
 @pytest.mark.parametrize("left", [1, 2])
 def test_fixed_shape_steps_equal_the_windowed_stream(flow, left):
     """Every call's mel of every session equals the dynamic windowed stream's to fp32 rounding (measured max
-    1.4e-6), and no slot but the sessions' and the padding's is written."""
+    2.4e-6), and no slot but the sessions' and the padding's is written, in either pool."""
     graphs = WindowGraphs.for_flow(flow, SLOTS, left, max_batch=4)
     before = pool_state(graphs)
     slots = [4, 0, 2, 1, 3]  # five sessions: one step of 5 takes two calls (max_batch 4)
@@ -73,6 +74,7 @@ def test_fixed_shape_steps_equal_the_windowed_stream(flow, left):
     assert frames == 2 * sum(T_REPLY - 4 * i for i in range(5))
     # The buckets used: rows 1, 2, 4 (five sessions come as 4 + 1) and widths 32 and 64.
     assert {r for r, _ in graphs.solves} >= {1, 4} and {w for _, w in graphs.solves} >= {32}
+    assert {r for r, _ in graphs.encodes} >= {1, 4} and {w for _, w in graphs.encodes} >= {16}
     after = pool_state(graphs)
     for a, b in zip(before, after):
         assert torch.equal(a[:, 5], b[:, 5])  # slot 5: nobody's
@@ -83,6 +85,7 @@ def test_calls_wider_than_the_widest_bucket_run_on_their_own_shape(flow, monkeyp
     """A call whose open span passes MAX_FRAMES (an official-live final flush) runs eagerly at its own width on the
     same pool, equal to the stream, and leaves no bucket behind."""
     monkeypatch.setattr(flow_graph, "MAX_FRAMES", 32)
+    monkeypatch.setattr(flow_graph, "MAX_TOKENS", 16)  # the encoder's position tables then stop at 16 tokens too
     graphs = WindowGraphs.for_flow(flow, SLOTS, 1, max_batch=2)
     tokens, spk = replies(flow.cfg)
     noise = make_noise(flow.cfg)
@@ -92,7 +95,7 @@ def test_calls_wider_than_the_widest_bucket_run_on_their_own_shape(flow, monkeyp
             s.push(tokens[n - 12 if n == 12 else 12:n])
         a, b = fixed.mel(final), dynamic.mel(final)
         assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
-    assert max(w for _, w in graphs.solves) == 32
+    assert max(w for _, w in graphs.solves) == 32 and max(w for _, w in graphs.encodes) == 16
 
 
 def test_a_new_stream_in_a_used_slot_starts_fresh(flow):
@@ -114,8 +117,9 @@ def test_a_new_stream_in_a_used_slot_starts_fresh(flow):
 def test_warming_prepares_every_bucket_and_writes_no_session(flow):
     graphs = WindowGraphs.for_flow(flow, SLOTS, 1, max_batch=3)
     before = pool_state(graphs)
-    assert graphs.warm() == 3 * 4  # rows 1, 2, 3 x widths 32, 64, 128, 256
+    assert graphs.warm() == 2 * 3 * 4  # rows 1, 2, 3 x frames 32, 64, 128, 256, and x tokens 16, 32, 64, 128
     assert sorted(graphs.solves) == [(r, w) for r in (1, 2, 3) for w in (32, 64, 128, 256)]
+    assert sorted(graphs.encodes) == [(r, w) for r in (1, 2, 3) for w in (16, 32, 64, 128)]
     for a, b in zip(before, pool_state(graphs)):
         assert torch.equal(a[:, :SLOTS], b[:, :SLOTS])
 
@@ -134,6 +138,15 @@ def test_bad_calls_are_clear_errors(flow):
         graphs.solve([0], [3], [4], [0], z, z, spks)
     with pytest.raises(ValueError, match="chunk boundaries"):
         graphs.solve([0], [0], [CD + 4], [3], [torch.zeros(80, CD + 4)] * 2, [torch.zeros(80, CD + 4)], spks)
+    tokens = [torch.zeros(CE + 2, dtype=torch.long)]
+    with pytest.raises(ValueError, match="at least one stream"):
+        graphs.encode([], [], [], [])
+    with pytest.raises(ValueError, match="distinct and in"):
+        graphs.encode([-1], [0], [0], tokens)
+    with pytest.raises(ValueError, match="chunk boundaries"):
+        graphs.encode([0], [1], [0], tokens)
+    with pytest.raises(ValueError, match="chunk boundaries"):
+        graphs.encode([0], [0], [CE - 1], tokens)
     _, spk = replies(flow.cfg)
     with pytest.raises(ValueError, match="window"):
         flow.new_stream(spk, make_noise(flow.cfg), 2, graphs, 0)
