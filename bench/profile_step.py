@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.config import SERVING_LEFT_CHUNKS, Limits, SamplingParams, TTSOptions, VocoderOptions
-from omni2.stages.flow_graph import REPLAY
+from omni2.stages import flow_graph, hift_graph
 from omni2.stages.tts import TTSInput, TTSStage
 from omni2.stages.vocoder import VocoderInput, VocoderStage
 
@@ -85,8 +85,9 @@ def report(name: str, step, device: torch.device, warmup: int, iters: int, rows:
     device_ms = sum(e.self_device_time_total for e in events) / 1e3
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
-    replayed = sum(1 for e in prof.events() if e.name.startswith("aten::") and under(e, REPLAY))
-    graphed = f" ({replayed} inside the flow's graphs)" if replayed else ""
+    replayed = sum(1 for e in prof.events() if e.name.startswith("aten::") and any(
+        under(e, label) for label in (flow_graph.REPLAY, hift_graph.REPLAY)))
+    graphed = f" ({replayed} inside what graphs replay)" if replayed else ""
     print(f"\n== {name}: wall {wall:.1f} ms per step (median of {iters}); device kernels {device_ms:.1f} ms "
           f"({100 * device_ms / wall:.0f}% of wall), {len(kernels)} kernel launches, {ops} aten ops{graphed}")
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))

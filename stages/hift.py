@@ -181,19 +181,25 @@ class SourceModuleHnNSF(nn.Module):
                 deterministic: bool = False) -> torch.Tensor:  # f0 (B, 1, L) -> (B, L, 1)
         """`generator`: one for the whole batch, or one per row (a batch of sessions, each drawing what it would
         draw alone)."""
-        c = self.cfg
-        B, _, L = f0.shape
-        H1 = c.nb_harmonics + 1
+        return self.excite(f0, *self.draw(f0.shape[0], f0.shape[2], f0.device, generator, deterministic))
+
+    def draw(self, batch: int, length: int, device: torch.device,
+             generator: torch.Generator | list[torch.Generator] | None = None, deterministic: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's randomness for `batch` rows of `length` samples: phases (B, H+1, 1), noise (B, H+1, L)."""
+        H1 = self.cfg.nb_harmonics + 1
         if deterministic:
-            phases = torch.zeros(B, H1, 1, device=f0.device)
-            noise = torch.zeros(B, H1, L, device=f0.device)
-        elif isinstance(generator, list):
-            if len(generator) != B:
-                raise ValueError(f"{len(generator)} generators for a batch of {B}")
-            draws = [draw_source_randomness(1, H1, L, f0.device, g) for g in generator]
-            phases, noise = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
-        else:
-            phases, noise = draw_source_randomness(B, H1, L, f0.device, generator)
+            return torch.zeros(batch, H1, 1, device=device), torch.zeros(batch, H1, length, device=device)
+        if isinstance(generator, list):
+            if len(generator) != batch:
+                raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+            draws = [draw_source_randomness(1, H1, length, device, g) for g in generator]
+            return torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+        return draw_source_randomness(batch, H1, length, device, generator)
+
+    def excite(self, f0: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """f0 (B, 1, L) and the drawn phases and noise -> (B, L, 1)."""
+        c = self.cfg
         sines, _ = sine_gen(f0, c.sampling_rate, c.nb_harmonics, c.nsf_alpha, c.nsf_sigma, c.nsf_voiced_threshold,
                             phases, noise)
         w = self.l_linear.weight
@@ -253,10 +259,21 @@ class HiFT(nn.Module):
     def source(self, mel: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
                deterministic: bool = False) -> torch.Tensor:
         """mel (B, 80, T) -> NSF excitation s (B, 1, 480·T)."""
+        return self.excite(mel, *self.draw(mel, generator, deterministic))
+
+    def draw(self, mel: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
+             deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's randomness for mel (B, 80, T): phases (B, H+1, 1), noise (B, H+1, 480·T) (no draw reads the
+        mel's values, only its shape)."""
+        B, _, T = mel.shape
+        return self.m_source.draw(B, T * self.cfg.samples_per_frame, mel.device, generator, deterministic)
+
+    def excite(self, mel: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """mel (B, 80, T) and the drawn phases and noise -> NSF excitation s (B, 1, 480·T)."""
         f0 = self.f0_predictor(mel.to(self.conv_pre.weight_v.dtype)).float()  # (B, T); f0 integrates in fp32
         scale = float(self.cfg.samples_per_frame)
         f0_up = F.interpolate(f0[:, None], scale_factor=scale, mode="nearest")  # (B, 1, L), nn.Upsample's default
-        return self.m_source(f0_up, generator, deterministic).transpose(1, 2)  # (B, 1, L)
+        return self.m_source.excite(f0_up, phases, noise).transpose(1, 2)  # (B, 1, L)
 
     def _stft(self, x: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, n_fft + 2, L / hop + 1): [real; imag]
         n_fft, hop = self.cfg.istft_n_fft, self.cfg.istft_hop_len
@@ -279,6 +296,11 @@ class HiFT(nn.Module):
 
     def decode(self, mel: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """mel (B, 80, T) + source s (B, 1, 480·T) -> speech (B, 480·T)."""
+        return self.istft_head(self.spectrum(mel, s))
+
+    def spectrum(self, mel: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """mel (B, 80, T) + source s (B, 1, 480·T) -> conv_post's output (B, n_fft + 2, 120·T + 1): the iSTFT
+        head's log-magnitudes and phases."""
         c = self.cfg
         dtype = self.conv_pre.weight_v.dtype
         s_stft = self._stft(s.squeeze(1)).to(dtype)  # (B, 18, 120·T + 1)
@@ -293,8 +315,7 @@ class HiFT(nn.Module):
             for j in range(1, n_k):
                 xs = xs + self.resblocks[i * n_k + j](x)
             x = xs / n_k
-        x = self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as upstream
-        return self.istft_head(x)
+        return self.conv_post(F.leaky_relu(x))  # default slope 0.01 here, as upstream
 
     @torch.inference_mode()
     def inference(self, mel: torch.Tensor, cache_source: torch.Tensor | None = None,
@@ -305,10 +326,18 @@ class HiFT(nn.Module):
         `cache_source` (B, 1, S): the previous chunk's source tail, which overwrites the first S source samples
         (upstream's glitch avoidance when consecutive chunks overlap by mel_cache_len frames).
         """
-        s = self.source(mel, generator, deterministic)
+        spec, s = self.excited_spectrum(mel, *self.draw(mel, generator, deterministic), cache_source)
+        return self.istft_head(spec), s
+
+    def excited_spectrum(self, mel: torch.Tensor, phases: torch.Tensor, noise: torch.Tensor,
+                         cache_source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`inference` up to the iSTFT head, its randomness drawn (`draw`): (spectrum, source). Nothing in it
+        depends on values on the host, so a CUDA graph can replay it (stages/hift_graph.py); torch.istft checks its
+        window envelope on the host, so the head stays outside."""
+        s = self.excite(mel, phases, noise)
         if cache_source is not None and cache_source.shape[-1] > 0:
             S = cache_source.shape[-1]
             if S > s.shape[-1]:
                 raise ValueError(f"cache_source has {S} samples, more than the {s.shape[-1]} of this chunk")
             s[:, :, :S] = cache_source.to(s)
-        return self.decode(mel, s), s
+        return self.spectrum(mel, s), s

@@ -28,10 +28,18 @@ import numpy as np
 import torch
 
 from omni2.engine.checkpoints.vocoder_dir import VocoderDir
-from omni2.engine.config import VOCODER_SCHEDULES, ConfigError, Limits, VocoderConfig, VocoderOptions
+from omni2.engine.config import (
+    VOCODER_SCHEDULES,
+    ConfigError,
+    Limits,
+    StreamParams,
+    VocoderConfig,
+    VocoderOptions,
+)
 from omni2.stages.flow import Flow, FlowStream
 from omni2.stages.flow_graph import WindowGraphs
 from omni2.stages.hift import HiFT
+from omni2.stages.hift_graph import HiFTGraphs
 from omni2.stages.layers import SlotPool, prefer_planless_attention
 
 
@@ -98,12 +106,22 @@ class VocoderStage:
         self.flow = flow.to(device=device, dtype=dtype).eval()
         # cuda_graphs: a windowed incremental flow runs its encoder pass and Euler steps on fixed shapes over pools
         # of one slot per session (stages/flow_graph.py), replayed as CUDA graphs on a CUDA device. The exact flow
-        # (no window) and the recompute mode have no fixed shape: they stay dynamic.
+        # (no window) and the recompute mode have no fixed flow shape: their flow stays dynamic.
         self.graphs = None
         if cuda_graphs and options.mode == "incremental" and options.left_chunks is not None:
             self.graphs = WindowGraphs.for_flow(self.flow, limits.max_sessions, options.left_chunks, options.max_batch)
         self.hift = hift.to(device=device, dtype=dtype).eval()
         self.cfg, self.opts, self.limits = cfg, options, limits
+        # and HiFT on fixed shapes (stages/hift_graph.py) for the chunk lengths of a steady stream: under the write
+        # schedules (of the paper's W; another W runs dynamically) and under the hop schedule.
+        self.hift_graphs = None
+        if cuda_graphs:
+            W, r, held = StreamParams().write, cfg.flow.token_mel_ratio, cfg.mel_cache_len
+            hop, look = options.token_hop or cfg.token_hop, cfg.flow.pre_lookahead_len
+            frames = [(r * (W - look), False), (r * W + held, True), (r * hop, False), (r * hop + held, True)]
+            self.hift_graphs = HiFTGraphs(self.hift, options.max_batch, frames, cfg.source_cache_len)
+            if self.hift_graphs.capture:
+                self.hift_graphs.warm()
         self.noise = noise.to(device=device, dtype=dtype)
         self.voices = voices  # name -> (192,) tensor; a VocoderDir or any object with .voice(name)
         self.device, self.dtype = torch.device(device), dtype
@@ -280,8 +298,9 @@ class VocoderStage:
         for (_, cached), idx in groups.items():
             sessions = [calls[i][0] for i in idx]
             cache_source = torch.cat([s.cache["source"] for s in sessions]) if cached else None
-            wav, source = self.hift.inference(torch.cat([mels[i] for i in idx]), cache_source,
-                                              [s.generator for s in sessions], self.opts.deterministic)
+            wav, source = (self.hift_graphs or self.hift).inference(
+                torch.cat([mels[i] for i in idx]), cache_source, [s.generator for s in sessions],
+                self.opts.deterministic)
             for row, i in enumerate(idx):
                 speech[i] = self._overlap(calls[i][0], mels[i], wav[row:row + 1], source[row:row + 1],
                                           calls[i][2])

@@ -38,7 +38,7 @@ def _torch_wn(layer: nn.Module) -> nn.Module:
         return nn.utils.weight_norm(layer)
 
 
-def _hift(seed: int = 0, voiced: bool = True) -> HiFT:
+def random_hift(seed: int = 0, voiced: bool = True) -> HiFT:
     torch.manual_seed(seed)
     h = HiFT(CFG)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def _hift(seed: int = 0, voiced: bool = True) -> HiFT:
     return h.eval()
 
 
-def _mel(B: int = 1, T: int = 12, seed: int = 0) -> torch.Tensor:
+def random_mel(B: int = 1, T: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randn(B, 80, T, generator=torch.Generator().manual_seed(seed))
 
 
@@ -142,14 +142,14 @@ def test_resblock_formula():
 
 
 def test_f0_predictor_matches_torch_weight_norm_stack():
-    h = _hift(voiced=False)
+    h = random_hift(voiced=False)
     layers = []
     for i in range(5):
         layers += [_torch_wn(nn.Conv1d(80 if i == 0 else 32, 32, 3, padding=1)), nn.ELU()]
     ref_net, ref_cls = nn.Sequential(*layers), nn.Linear(32, 1)
     ref_net.load_state_dict(h.f0_predictor.condnet.state_dict())
     ref_cls.load_state_dict(h.f0_predictor.classifier.state_dict())
-    mel = _mel(2, 15)
+    mel = random_mel(2, 15)
     want = ref_cls(ref_net(mel).transpose(1, 2)).squeeze(-1).abs()
     torch.testing.assert_close(h.f0_predictor(mel), want, atol=1e-5, rtol=1e-5)
 
@@ -204,7 +204,7 @@ def test_source_draws_follow_upstream_order():
 
 
 def test_istft_head_is_overlap_add_of_irfft_frames():
-    h = _hift()
+    h = random_hift()
     B, Fr, n_fft, hop = 2, 25, CFG.istft_n_fft, CFG.istft_hop_len
     x = torch.randn(B, n_fft + 2, Fr, generator=torch.Generator().manual_seed(0)) - 1.0
     x[0, 3, 5] = 9.0  # exp(9) > 100: clipped magnitude
@@ -227,14 +227,14 @@ def test_istft_head_is_overlap_add_of_irfft_frames():
 # --- the whole generator -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("B,T", [(1, 1), (2, 13)])
 def test_output_lengths(B, T):
-    h = _hift()
-    speech, source = h.inference(_mel(B, T), generator=torch.Generator().manual_seed(0))
+    h = random_hift()
+    speech, source = h.inference(random_mel(B, T), generator=torch.Generator().manual_seed(0))
     assert speech.shape == (B, 480 * T) and source.shape == (B, 1, 480 * T)
     assert speech.abs().max() <= CFG.audio_limit and torch.isfinite(speech).all()
 
 
 def test_randomness_is_explicit():
-    h, mel = _hift(), _mel(1, 10)
+    h, mel = random_hift(), random_mel(1, 10)
     a, sa = h.inference(mel, deterministic=True)
     b, sb = h.inference(mel, deterministic=True)
     assert torch.equal(a, b) and torch.equal(sa, sb)
@@ -250,7 +250,7 @@ def test_randomness_is_explicit():
 
 
 def test_batch_rows_are_independent():
-    h, mel = _hift(), _mel(3, 9)
+    h, mel = random_hift(), random_mel(3, 9)
     both = h.inference(mel, deterministic=True)[0]
     for b in range(3):
         one = h.inference(mel[b: b + 1], deterministic=True)[0]
@@ -259,7 +259,7 @@ def test_batch_rows_are_independent():
 
 def test_cache_source_overwrites_the_head():
     T = 48
-    h, mel = _hift(), _mel(2, T)
+    h, mel = random_hift(), random_mel(2, T)
     plain, s = h.inference(mel, generator=torch.Generator().manual_seed(0))
     cache = 0.05 * torch.randn(2, 1, 8 * 480)
     cached, s2 = h.inference(mel, cache, generator=torch.Generator().manual_seed(0))
@@ -275,7 +275,7 @@ def test_cache_source_overwrites_the_head():
 
 
 def test_fold_weight_norm_and_reload():
-    h, mel = _hift(), _mel(1, 6)
+    h, mel = random_hift(), random_mel(1, 6)
     a = h.inference(mel, deterministic=True)[0]
     h.fold_weight_norm()
     torch.testing.assert_close(h.inference(mel, deterministic=True)[0], a)
@@ -294,7 +294,7 @@ def test_fold_weight_norm_and_reload():
 def _wide_f0_hift() -> HiFT:
     """`_hift` whose f0 swings over ~0-300 Hz from frame to frame (unvoiced frames included): the classifier's
     tiny random weights are scaled up and its bias pulled down, so the mel, not the bias, sets f0."""
-    h = _hift()
+    h = random_hift()
     with torch.no_grad():
         h.f0_predictor.classifier.weight.mul_(4000.0)
         h.f0_predictor.classifier.bias.fill_(-60.0)
@@ -312,7 +312,7 @@ def _f0_contour(T: int = 25) -> torch.Tensor:
 
 
 def test_oracle_weight_fold_matches_torch_parametrizations():
-    h = _hift()
+    h = random_hift()
     sd = h.state_dict()
     new_names = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
     for name, cls, args in (("conv_pre", nn.Conv1d, (80, 32, 7)), ("ups.0", nn.ConvTranspose1d, (32, 16, 16, 8))):
@@ -324,19 +324,19 @@ def test_oracle_weight_fold_matches_torch_parametrizations():
     for k, v in sd.items():
         layer, leaf = k.rsplit(".", 1)
         renamed[f"generator.{layer}.{new_names.get(leaf, leaf)}"] = v
-    mel, s = _mel(1, 5), 0.1 * torch.randn(1, 1, 5 * 480, generator=torch.Generator().manual_seed(0))
+    mel, s = random_mel(1, 5), 0.1 * torch.randn(1, 1, 5 * 480, generator=torch.Generator().manual_seed(0))
     assert torch.equal(oracle.decode(oracle.official_state_dict(renamed), CFG, mel, s), oracle.decode(sd, CFG, mel, s))
 
 
 def test_f0_predictor_matches_oracle():
     h = _wide_f0_hift()
-    mel = _mel(2, 15)
+    mel = random_mel(2, 15)
     # measured max |Δf0| 7.6e-5 Hz on f0 of 0-300 Hz (folded-weight rounding, amplified ×4000 by the classifier)
     torch.testing.assert_close(h.f0_predictor(mel), oracle.f0_predictor(h.state_dict(), mel), atol=2e-4, rtol=0)
 
 
 def test_source_module_matches_oracle():
-    h = _hift()
+    h = random_hift()
     sd = h.state_dict()
     f0 = _f0_contour()
     f0_up = F.interpolate(f0[:, None], scale_factor=480.0, mode="nearest")  # (2, 1, 12000), as HiFT.source does
@@ -363,11 +363,11 @@ def test_source_module_matches_oracle():
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("B,T", [(1, 12), (2, 7)])
 def test_decode_matches_oracle(B, T, fold):
-    h = _hift()
+    h = random_hift()
     sd = h.state_dict()  # g / v as hift.pt stores them; folding only caches the effective weight
     if fold:
         h.fold_weight_norm()
-    mel = _mel(B, T, seed=T)
+    mel = random_mel(B, T, seed=T)
     f0_up = oracle.upsample_f0(_f0_contour()[:B, :T], CFG)
     L = f0_up.shape[-1]
     g = torch.Generator().manual_seed(0)
@@ -382,7 +382,7 @@ def test_decode_matches_oracle(B, T, fold):
 
 @pytest.mark.parametrize("B,T", [(1, 12), (2, 7)])
 def test_inference_matches_oracle(B, T):
-    h, mel = _hift(), _mel(B, T, seed=T)
+    h, mel = random_hift(), random_mel(B, T, seed=T)
     sd = h.state_dict()
     torch.manual_seed(3)
     speech, s = h.inference(mel)
@@ -402,7 +402,7 @@ def test_inference_matches_oracle(B, T):
 
 @pytest.mark.parametrize("B,T", [(1, 12), (2, 7)])
 def test_inference_with_swinging_f0_matches_oracle(B, T):
-    h, mel = _wide_f0_hift(), _mel(B, T, seed=T - 6)
+    h, mel = _wide_f0_hift(), random_mel(B, T, seed=T - 6)
     sd = h.state_dict()
     f0 = oracle.f0_predictor(sd, mel)
     assert (f0 <= CFG.nsf_voiced_threshold).any() and (f0 > 100).any()  # voiced and unvoiced frames both occur
@@ -417,9 +417,9 @@ def test_inference_with_swinging_f0_matches_oracle(B, T):
 def test_inference_with_cache_source_matches_oracle():
     """Two streaming chunks as token2wav runs them: chunk 2 re-reads chunk 1's last 8 mel frames and overwrites
     the head of its source with chunk 1's last 8·480 source samples."""
-    h = _hift()
+    h = random_hift()
     sd = h.state_dict()
-    mel1, new = _mel(1, 20, seed=1), _mel(1, 7, seed=2)
+    mel1, new = random_mel(1, 20, seed=1), random_mel(1, 7, seed=2)
     torch.manual_seed(0)
     _, s1 = h.inference(mel1)
     torch.manual_seed(0)

@@ -274,8 +274,9 @@ def test_bfloat16_runs_and_its_mel_stays_near_float32(tiny_vocoder):
 
 @pytest.mark.parametrize("max_batch", [1, 8])
 def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_batch):
-    """With cuda_graphs and a window (the serving default), the flow's Euler steps run on fixed shapes over a pool
-    of one slot per session (stages/flow_graph.py; eagerly on a CPU). Eight sessions with different reply lengths
+    """With cuda_graphs and a window (the serving default), the flow's encoder pass and Euler steps run on fixed
+    shapes over pools of one slot per session (stages/flow_graph.py; eagerly on a CPU), and HiFT on the fixed chunk
+    lengths of a steady stream (stages/hift_graph.py). Eight sessions with different reply lengths
     and starts, one cancelled mid-reply and answering again in its slot, one closed and its slot reopened: every
     session's PCM equals the dynamic windowed stage's to fp32 rounding, which HiFT's phase integration magnifies from
     the flow's ~1e-6 (tests/stages/test_flow_graph.py) as it does a batch's (ERR)."""
@@ -309,6 +310,8 @@ def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_ba
     fixed_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, cuda_graphs=True)
     assert fixed_stage.graphs is not None and not fixed_stage.graphs.capture
     fixed = drive(fixed_stage)
+    used = {(T, cached) for _, T, cached in fixed_stage.hift_graphs.voices}
+    assert used == {(14, False), (28, True)}  # every live chunk but the finals' shorter ones
     dynamic = drive(VocoderStage.from_checkpoint(tiny_vocoder, limits, opts))
     for a, b, r in zip(fixed, dynamic, replies):
         assert a.shape == b.shape == (len(r) * 960,)
