@@ -21,9 +21,13 @@ dynamic step (`layers.forward_rows`) is tested on a CPU.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from omni2.stages.layers import Qwen2LM, SlotKVCache
+
+log = logging.getLogger(__name__)
 
 MIN_KEYS = 64  # smallest key bucket: below it, the buckets would only add graphs
 
@@ -80,8 +84,15 @@ class GraphedRun:
     def run(self) -> None:
         raise NotImplementedError
 
-    def capture(self, pool) -> None:
-        self.graph = capture_graph(self.run, pool)
+    def capture(self, pool) -> bool:
+        """Capture `run`; a capture the device refuses (an op that waits on the host, say) leaves this bucket to
+        run eagerly, logged, rather than failing the stage that loads it."""
+        try:
+            self.graph = capture_graph(self.run, pool)
+        except RuntimeError as e:
+            log.warning("%s: CUDA graph capture failed, this bucket runs eagerly: %s", type(self).__name__, e)
+            self.graph = None
+        return self.graph is not None
 
     def replay(self) -> None:
         if self.graph is None:

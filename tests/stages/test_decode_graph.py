@@ -5,6 +5,7 @@ step computes."""
 import pytest
 import torch
 
+from omni2.stages import decode_graph
 from omni2.stages.decode_graph import MIN_KEYS, DecodeGraphs, bucket
 from omni2.stages.layers import Qwen2LM, SlotKVCache, forward_rows, pad_rows
 from tests.stages.test_layers import CFG, random_qwen2
@@ -156,3 +157,25 @@ def test_cuda_capture_of_every_bucket_writes_no_session_slot():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     _, _, eager, _ = warm_and_step("cuda", capture=False)
     assert torch.equal(graphed, eager)
+
+
+def test_a_refused_capture_leaves_the_bucket_eager(monkeypatch, caplog):
+    """A capture the device refuses (here: any) is logged and the bucket's replays run it eagerly, instead of the
+    stage failing to load."""
+    def refuse(run, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    class Count(decode_graph.GraphedRun):
+        calls = 0
+
+        def run(self) -> None:
+            self.calls += 1
+
+    monkeypatch.setattr(decode_graph, "capture_graph", refuse)
+    bucket = Count()
+    with caplog.at_level("WARNING"):
+        assert bucket.capture(None) is False
+    assert bucket.graph is None and "capture failed" in caplog.text and "not permitted" in caplog.text
+    bucket.replay()
+    bucket.replay()
+    assert bucket.calls == 2
