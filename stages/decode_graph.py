@@ -103,16 +103,17 @@ class GraphedRun:
 
 class StaticBatch:
     """What the layers read from a `layers.Batch`, as buffers of fixed shape that a captured graph reads in place:
-    `rows` rows of `tokens` tokens each, keys up to `kv_len`. A step overwrites `embeds`, `slots`, `starts`,
-    `lengths` and the write targets; `refresh()` derives the positions and the mask from them."""
+    `rows` rows of `tokens` tokens each, keys up to `kv_len`. A step overwrites `embeds` and `index` (slot, start,
+    length per row); `refresh()` derives the rest from them: the write targets, the positions and the mask."""
 
-    def __init__(self, rows: int, tokens: int, kv_len: int, hidden: int, device, dtype):
+    def __init__(self, rows: int, tokens: int, kv_len: int, hidden: int, spare_slot: int, device, dtype):
         self.embeds = torch.zeros(rows, tokens, hidden, device=device, dtype=dtype)
-        self.slots = torch.zeros(rows, dtype=torch.long, device=device)
-        self.starts = torch.zeros(rows, dtype=torch.long, device=device)
-        self.lengths = torch.ones(rows, dtype=torch.long, device=device)
+        self.index = torch.zeros(3, rows, dtype=torch.long, device=device)  # slot, start, length
+        self.index[2] = 1
+        self.slots, self.starts, self.lengths = self.index.unbind(0)  # views: each (rows,)
+        self._spare = torch.tensor(spare_slot, device=device)
         # Every token of the (rows, tokens) input is written somewhere: a real one to its slot and position, a
-        # padding one to the spare slot.
+        # padding one to the spare slot (at its column, so that no two padding tokens of a row collide).
         self.rows = torch.arange(rows, device=device).repeat_interleave(tokens)
         self.cols = torch.arange(tokens, device=device).repeat(rows)
         self.write_slots = torch.zeros(rows * tokens, dtype=torch.long, device=device)
@@ -125,6 +126,9 @@ class StaticBatch:
         self.mask = torch.zeros(rows, tokens, kv_len, dtype=torch.bool, device=device)
 
     def refresh(self) -> None:
+        real = self.cols < self.lengths[self.rows]
+        torch.where(real, self.slots[self.rows], self._spare, out=self.write_slots)
+        torch.where(real, self.starts[self.rows] + self.cols, self.cols, out=self.write_positions)
         torch.add(self.starts[:, None], self._offsets[None, :], out=self.positions)  # (B, T)
         torch.le(self._keys[None, None, :], self.positions[:, :, None], out=self.mask)  # (B, T, L) causal
 
@@ -132,9 +136,9 @@ class StaticBatch:
 class _Step(GraphedRun):
     """One (rows, tokens, keys) bucket: its buffers and its outputs."""
 
-    def __init__(self, lm: Qwen2LM, cache: SlotKVCache, shape: tuple[int, int, int], head: bool):
+    def __init__(self, lm: Qwen2LM, cache: SlotKVCache, shape: tuple[int, int, int], head: bool, spare_slot: int):
         self.lm, self.cache, self.head = lm, cache, head
-        self.batch = StaticBatch(*shape, lm.cfg.hidden_size, cache.k[0].device, cache.k[0].dtype)
+        self.batch = StaticBatch(*shape, lm.cfg.hidden_size, spare_slot, cache.k[0].device, cache.k[0].dtype)
         self.hidden: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
 
@@ -187,7 +191,7 @@ class DecodeGraphs:
     def _prepare(self, shape: tuple[int, int, int]) -> _Step:
         step = self.steps.get(shape)
         if step is None:
-            step = self.steps[shape] = _Step(self.lm, self.cache, shape, self.head)
+            step = self.steps[shape] = _Step(self.lm, self.cache, shape, self.head, self.spare_slot)
             if self.capture:
                 self._load(step, [], [], [])
                 step.capture(self.pool)
@@ -218,20 +222,9 @@ class DecodeGraphs:
     def _load(self, step: _Step, slots: list[int], starts: list[int], lengths: list[int]) -> None:
         """Overwrite the bucket's indices in place, with one host-to-device copy; rows past len(slots) pad."""
         b = step.batch
-        rows, tokens = b.slots.shape[0], b.embeds.shape[1]
-        pad = rows - len(slots)
-        slots, starts, lengths = [*slots, *[self.spare_slot] * pad], [*starts, *[0] * pad], [*lengths, *[1] * pad]
-        write_slots, write_positions = [], []
-        for s, p, n in zip(slots, starts, lengths):
-            write_slots += [s] * n + [self.spare_slot] * (tokens - n)
-            write_positions += [p + t if t < n else t for t in range(tokens)]
-        packed = torch.tensor([*slots, *starts, *lengths, *write_slots, *write_positions], dtype=torch.long)
-        if b.slots.device.type == "cuda":
+        pad = b.slots.shape[0] - len(slots)
+        packed = torch.tensor([[*slots, *[self.spare_slot] * pad], [*starts, *[0] * pad], [*lengths, *[1] * pad]],
+                              dtype=torch.long)
+        if b.index.device.type == "cuda":
             packed = packed.pin_memory()
-        staged = packed.to(b.slots.device, non_blocking=True)
-        m = rows * tokens
-        b.slots.copy_(staged[:rows])
-        b.starts.copy_(staged[rows:2 * rows])
-        b.lengths.copy_(staged[2 * rows:3 * rows])
-        b.write_slots.copy_(staged[3 * rows:3 * rows + m])
-        b.write_positions.copy_(staged[3 * rows + m:])
+        b.index.copy_(packed.to(b.index.device, non_blocking=True))
