@@ -101,7 +101,7 @@ def _fade_in_out(new: torch.Tensor, old_tail: torch.Tensor, window: torch.Tensor
 class VocoderStage:
     def __init__(self, flow: Flow, hift, cfg: VocoderConfig, noise: torch.Tensor, voices, limits: Limits = Limits(),
                  options: VocoderOptions = VocoderOptions(), device="cpu", dtype=torch.float32,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, write: int | None = None):
         prefer_planless_attention(device)
         self.flow = flow.to(device=device, dtype=dtype).eval()
         # cuda_graphs: a windowed incremental flow runs its encoder pass and Euler steps on fixed shapes over pools
@@ -113,10 +113,10 @@ class VocoderStage:
         self.hift = hift.to(device=device, dtype=dtype).eval()
         self.cfg, self.opts, self.limits = cfg, options, limits
         # and HiFT on fixed shapes (stages/hift_graph.py) for the chunk lengths of a steady stream: under the write
-        # schedules (of the paper's W; another W runs dynamically) and under the hop schedule.
+        # schedules (`write`: the model's W units per TTS write, None: the paper's) and under the hop schedule.
         self.hift_graphs = None
         if cuda_graphs:
-            W, r, held = StreamParams().write, cfg.flow.token_mel_ratio, cfg.mel_cache_len
+            W, r, held = write or StreamParams().write, cfg.flow.token_mel_ratio, cfg.mel_cache_len
             hop, look = options.token_hop or cfg.token_hop, cfg.flow.pre_lookahead_len
             frames = [(r * (W - look), False), (r * W + held, True), (r * hop, False), (r * hop + held, True)]
             self.hift_graphs = HiFTGraphs(self.hift, options.max_batch, frames, cfg.source_cache_len)
@@ -138,10 +138,10 @@ class VocoderStage:
     @classmethod
     def from_checkpoint(cls, vocoder_dir, limits: Limits = Limits(), options: VocoderOptions = VocoderOptions(),
                         device="cpu", dtype=torch.float32, voices_dir: str | Path | None = None,
-                        cuda_graphs: bool = False) -> VocoderStage:
+                        cuda_graphs: bool = False, write: int | None = None) -> VocoderStage:
         vd = vocoder_dir if isinstance(vocoder_dir, VocoderDir) else VocoderDir(vocoder_dir, voices_dir)
         return cls(load_flow(vd, device, dtype), load_hift(vd, device, dtype), vd.config, vd.noise(), vd, limits,
-                   options, device, dtype, cuda_graphs)
+                   options, device, dtype, cuda_graphs, write)
 
     def _hop_fits(self, cfg: VocoderConfig) -> bool:
         return self.hop * cfg.flow.token_mel_ratio >= cfg.mel_cache_len

@@ -426,8 +426,9 @@ def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: t
           asr_batch: int = 4, cuda_graphs: bool = False) -> Runner:
     """Load one stage from the official directories and wrap it."""
     if stage == "vocoder":
-        return VocoderRunner(VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options,
-                                                          device=device, dtype=dtype, cuda_graphs=cuda_graphs))
+        return VocoderRunner(VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options, device=device,
+                                                          dtype=dtype, cuda_graphs=cuda_graphs,
+                                                          write=ModelDir(model_dir).config.stream.write))
     md = ModelDir(model_dir)
     if stage == "asr":
         return AsrRunner(ASRStage.from_checkpoint(md, device=device, dtype=dtype), limits, asr_batch)

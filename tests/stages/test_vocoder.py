@@ -317,5 +317,6 @@ def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_ba
         assert a.shape == b.shape == (len(r) * 960,)
         assert np.abs(a - b).max() < ERR["incremental"], np.abs(a - b).max()  # measured <= 2.3e-3
         assert np.sqrt(np.mean((a - b) ** 2)) < 1e-4  # measured <= 6.5e-5, of a PCM rms ~0.12
-    # The exact flow (no window) has no fixed shape: it stays dynamic.
-    assert VocoderStage.from_checkpoint(tiny_vocoder, options=VocoderOptions(), cuda_graphs=True).graphs is None
+    # The exact flow (no window) has no fixed shape: it stays dynamic; HiFT's lengths follow the model's W.
+    exact = VocoderStage.from_checkpoint(tiny_vocoder, options=VocoderOptions(), cuda_graphs=True, write=12)
+    assert exact.graphs is None and exact.hift_graphs.frames == [(18, False), (32, True), (100, False), (108, True)]
