@@ -163,7 +163,9 @@ def test_cuda_graph_replays_equal_the_eager_fixed_shape_steps(flow):
     """On CUDA: the same sessions through captured graphs and through the eager fixed-shape steps, bit for bit
     (same kernels, same shapes), after warming every bucket (which must not touch the sessions' slots)."""
     cuda = randomize(Flow(small_cfg())).cuda()
-    replayed = drive(cuda, 1, WindowGraphs.for_flow(cuda, SLOTS, 1, max_batch=4), [4, 0, 2, 1, 3])
+    graphs = WindowGraphs.for_flow(cuda, SLOTS, 1, max_batch=4)
+    assert all(r.graph is not None for r in [*graphs.solves.values(), *graphs.encodes.values()])  # none refused
+    replayed = drive(cuda, 1, graphs, [4, 0, 2, 1, 3])
     eager = drive(cuda, 1, WindowGraphs.for_flow(cuda, SLOTS, 1, max_batch=4, capture=False), [4, 0, 2, 1, 3])
     for a, b in zip(replayed, eager):
         for x, y in zip(a, b):

@@ -84,6 +84,7 @@ def test_cuda_graph_replays_equal_the_eager_bucket():
     h = random_hift().cuda()
     replayed, eager = HiFTGraphs(h, 4, FRAMES, CACHE), HiFTGraphs(h, 4, FRAMES, CACHE, capture=False)
     replayed.warm()
+    assert all(v.graph is not None for v in replayed.voices.values())  # every capture taken, none left eager
     mel = random_mel(3, 28).cuda()
     cache = 0.05 * torch.randn(3, 1, CACHE, device="cuda")
     a = replayed.inference(mel, cache, [torch.Generator("cuda").manual_seed(s) for s in (1, 2, 3)])
