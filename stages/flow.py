@@ -260,7 +260,8 @@ class FlowStream:
         self.mu_pending = torch.zeros(cfg.output_size, 0, device=device, dtype=flow.input_embedding.weight.dtype)
         self.n = self.enc_done = self.est_done = self.emitted = 0
         self.finished = False
-        # The estimator's per Euler step; a stream on fixed-shape steps keeps both in its slot of the graphs' pools.
+        # Layer caches (the estimator's one list per Euler step); a stream on fixed-shape steps keeps this state in its
+        # slot of the graphs' pools instead.
         self.enc_caches = [] if graphs is not None else flow.encoder.new_caches()
         self.est_caches = [] if graphs is not None else [flow.decoder.estimator.new_caches()
                                                          for _ in range(cfg.cfm.n_timesteps)]

@@ -108,9 +108,9 @@ def _add_vocoder_options(p: argparse.ArgumentParser) -> None:
 
 def _add_cuda_graphs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the thinker's and the TTS LM's short steps, and the windowed vocoder flow's "
-                        "Euler steps, as CUDA graphs (fewer kernel launches: a GPU's steps are bound by them "
-                        "otherwise)")
+                   help="replay the thinker's and the TTS LM's short steps, the windowed vocoder flow's encoder "
+                        "and Euler steps, and HiFT on a steady stream's chunks, as CUDA graphs (fewer kernel "
+                        "launches: a GPU's steps are bound by them otherwise)")
 
 
 def _chunks(value: str) -> int | None:
