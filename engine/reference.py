@@ -41,7 +41,7 @@ class ReferencePipeline:
         self.tts = TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype,
                                             cuda_graphs=cuda_graphs)
         self.vocoder = VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options, device=device, dtype=dtype,
-                                                    cuda_graphs=cuda_graphs, write=md.config.stream.write)
+                                                    cuda_graphs=cuda_graphs, write=md.config.generator.stream.write)
         self.read = self.tts.stream.read
         self.sessions: dict[str, SessionOptions] = {}
 

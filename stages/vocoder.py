@@ -118,7 +118,8 @@ class VocoderStage:
         if cuda_graphs:
             W, r, held = write or StreamParams().write, cfg.flow.token_mel_ratio, cfg.mel_cache_len
             hop, look = options.token_hop or cfg.token_hop, cfg.flow.pre_lookahead_len
-            frames = [(r * (W - look), False), (r * W + held, True), (r * hop, False), (r * hop + held, True)]
+            frames = [(T, cached) for T, cached in [(r * (W - look), False), (r * W + held, True), (r * hop, False),
+                                                    (r * hop + held, True)] if T > 0]
             self.hift_graphs = HiFTGraphs(self.hift, options.max_batch, frames, cfg.source_cache_len)
             if self.hift_graphs.capture:
                 self.hift_graphs.warm()

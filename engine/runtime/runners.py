@@ -428,7 +428,7 @@ def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: t
     if stage == "vocoder":
         return VocoderRunner(VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options, device=device,
                                                           dtype=dtype, cuda_graphs=cuda_graphs,
-                                                          write=ModelDir(model_dir).config.stream.write))
+                                                          write=ModelDir(model_dir).config.generator.stream.write))
     md = ModelDir(model_dir)
     if stage == "asr":
         return AsrRunner(ASRStage.from_checkpoint(md, device=device, dtype=dtype), limits, asr_batch)
