@@ -24,6 +24,9 @@ from omni2.engine.config import HiFTConfig
 
 MAG_CLIP = 1e2  # iSTFT magnitudes are clipped here (exp of the head's first half)
 SNAKE_EPS = 1e-9  # Snake's guard against alpha == 0
+# torch.distributions.Uniform(-π, π)'s float32 bounds, as the source draws its phases: low + u * (high - low)
+PHASE_LOW = torch.tensor(-math.pi)
+PHASE_SPAN = torch.tensor(math.pi) - PHASE_LOW
 
 
 def get_padding(kernel_size: int, dilation: int = 1) -> int:
@@ -160,10 +163,9 @@ def draw_source_randomness(batch: int, n_harmonics: int, length: int, device: to
                            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Upstream's draws, in its order: phases U(-π, π) (B, H+1, 1), noise N(0, 1) (B, H+1, L), and the unused
     noise-branch tensor (B, L, 1). `generator=None`: the global RNGs (phases on the CPU, noise on `device`)."""
-    low, high = torch.tensor(-math.pi), torch.tensor(math.pi)  # torch.distributions.Uniform's float32 bounds
     gdev = generator.device if generator is not None else None
     u = torch.rand((batch, n_harmonics, 1), generator=generator, device=gdev or "cpu")
-    phases = (low.to(u.device) + u * (high - low).to(u.device)).to(device)
+    phases = (PHASE_LOW.to(u.device) + u * PHASE_SPAN.to(u.device)).to(device)
     noise = torch.randn((batch, n_harmonics, length), generator=generator, device=gdev or device).to(device)
     torch.randn((batch, length, 1), generator=generator, device=gdev or device)  # upstream's unused noise branch
     return phases, noise

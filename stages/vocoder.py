@@ -302,9 +302,11 @@ class VocoderStage:
             wav, source = (self.hift_graphs or self.hift).inference(
                 torch.cat([mels[i] for i in idx]), cache_source, [s.generator for s in sessions],
                 self.opts.deterministic)
+            if cached:  # cross-fade every row with the tail its previous call withheld, at once
+                wav = _fade_in_out(wav, torch.cat([s.cache["speech"] for s in sessions]), self.window)
             for row, i in enumerate(idx):
-                speech[i] = self._overlap(calls[i][0], mels[i], wav[row:row + 1], source[row:row + 1],
-                                          calls[i][2])
+                speech[i] = self._withhold(calls[i][0], mels[i], wav[row:row + 1], source[row:row + 1],
+                                           calls[i][2])
         for s, n, finalize in calls:
             if s.schedule == "hop":
                 s.offset = n - self.look if not finalize else n
@@ -312,11 +314,9 @@ class VocoderStage:
                 s.offset = max(s.offset, n - self.look)
         return speech
 
-    def _overlap(self, s: _Session, mel: torch.Tensor, speech: torch.Tensor, source: torch.Tensor,
-                 finalize: bool) -> torch.Tensor:
-        """Cross-fade with the tail the previous call withheld; withhold this call's tail unless it is the last."""
-        if s.cache is not None:
-            speech = _fade_in_out(speech, s.cache["speech"], self.window)
+    def _withhold(self, s: _Session, mel: torch.Tensor, speech: torch.Tensor, source: torch.Tensor,
+                  finalize: bool) -> torch.Tensor:
+        """Withhold this call's (cross-faded) tail and keep what the next call overlaps, unless it is the last."""
         if not finalize:
             keep = self.cfg.source_cache_len
             s.cache = {"mel": mel[:, :, -self.cfg.mel_cache_len:], "source": source[:, :, -keep:],
