@@ -75,6 +75,16 @@ def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def load_index(index: torch.Tensor, fields: list[tuple[list[int], int]]) -> None:
+    """Overwrite a bucket's (fields, rows) index in place with one host-to-device copy: each field's values, the
+    rows past them (padding) filled with the field's padding value."""
+    rows = index.shape[1]
+    packed = torch.tensor([[*values, *[pad] * (rows - len(values))] for values, pad in fields], dtype=torch.long)
+    if index.device.type == "cuda":
+        packed = packed.pin_memory()
+    index.copy_(packed.to(index.device, non_blocking=True))
+
+
 class GraphedRun:
     """One fixed-shape bucket's computation (`run`, which a subclass defines) and its CUDA graph once captured;
     `replay` runs the graph, or the computation eagerly where none was captured."""
@@ -220,11 +230,5 @@ class DecodeGraphs:
         return step.hidden[:n].clone(), None if step.logits is None else step.logits[:n].clone()
 
     def _load(self, step: _Step, slots: list[int], starts: list[int], lengths: list[int]) -> None:
-        """Overwrite the bucket's indices in place, with one host-to-device copy; rows past len(slots) pad."""
-        b = step.batch
-        pad = b.slots.shape[0] - len(slots)
-        packed = torch.tensor([[*slots, *[self.spare_slot] * pad], [*starts, *[0] * pad], [*lengths, *[1] * pad]],
-                              dtype=torch.long)
-        if b.index.device.type == "cuda":
-            packed = packed.pin_memory()
-        b.index.copy_(packed.to(b.index.device, non_blocking=True))
+        """Overwrite the bucket's index; rows past len(slots) pad (the spare slot, one token at position 0)."""
+        load_index(step.batch.index, [(slots, self.spare_slot), (starts, 0), (lengths, 1)])

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omni2.stages.decode_graph import GraphedRun, bucket, buckets
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets, load_index
 from omni2.stages.flow import Flow, solve_euler_batch
 from omni2.stages.flow_cache import additive
 from omni2.stages.flow_encoder import PreLookahead, RelPosAttention, Upsample1D
@@ -259,7 +259,6 @@ class WindowGraphs:
                                     (enc.up_layer, 0, None),
                                     (enc.up_encoders, kf, (1 - r * ce, kf + r * MAX_TOKENS))], 1, 1, slots,
                                    device, dtype)
-        self.device = device  # a call's index is copied there
         self.graph_pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.solves: dict[tuple[int, int], _Solve] = {}
         self.encodes: dict[tuple[int, int], _Encode] = {}
@@ -306,13 +305,13 @@ class WindowGraphs:
         for table, shapes, make in ((self.solves, self.shapes(), _Solve),
                                     (self.encodes, self.encoder_shapes(), _Encode)):
             for shape in shapes:
-                run = self._prepare(table, shape, make, shape[1] <= (MAX_FRAMES if make is _Solve else MAX_TOKENS))
+                run = self._prepare(table, shape, make)
                 if not self.capture:
                     self._load(run.batch, [], [], [], [])
                     run.run()
         return len(self.solves) + len(self.encodes)
 
-    def _prepare(self, table: dict, shape: tuple[int, int], make, keep: bool):
+    def _prepare(self, table: dict, shape: tuple[int, int], make, keep: bool = True):
         run = table.get(shape)
         if run is None:
             run = make(self, *shape)
@@ -335,16 +334,19 @@ class WindowGraphs:
                 raise ValueError(f"open span [{s}, {s + m}) committing {c}: spans start and commits end on chunk "
                                  f"boundaries ({chunk} positions)")
 
+    def _in_parts(self, call, *columns) -> list[torch.Tensor]:
+        """`call` over max_batch streams at a time (each column sliced alike); its outputs in order."""
+        m = self.max_batch
+        return [out for i in range(0, len(columns[0]), m) for out in call(*(c[i:i + m] for c in columns))]
+
     @torch.inference_mode()
     def encode(self, slots: list[int], starts: list[int], commits: list[int], tokens: list[torch.Tensor]
                ) -> list[torch.Tensor]:
         """Stream b (in slot slots[b]) encodes its open tokens[b] at token positions [starts[b], ...) and keeps
         the encoder state of the first commits[b] of them. Returns each stream's mu (80, ratio * len(tokens[b]))
         (copies). More than max_batch streams run max_batch at a time."""
-        m = self.max_batch
-        if len(slots) > m:
-            return [mu for i in range(0, len(slots), m) for mu in self.encode(
-                slots[i:i + m], starts[i:i + m], commits[i:i + m], tokens[i:i + m])]
+        if len(slots) > self.max_batch:
+            return self._in_parts(self.encode, slots, starts, commits, tokens)
         lengths = [len(t) for t in tokens]
         self._check(slots, starts, lengths, commits, self.flow.cfg.encoder.static_chunk_size)
         shape = self.shape(len(slots), max(lengths), MIN_TOKENS, MAX_TOKENS)
@@ -364,11 +366,8 @@ class WindowGraphs:
         lengths[b]) from noise z[b] and mu[b] (80, lengths[b]) with speaker spks[b], and keeps its estimator state
         of the first commits[b] of them. Returns each stream's mel (80, lengths[b]) fp32 (copies). More than
         max_batch streams run max_batch at a time."""
-        m = self.max_batch
-        if len(slots) > m:
-            return [mel for i in range(0, len(slots), m) for mel in self.solve(
-                slots[i:i + m], starts[i:i + m], lengths[i:i + m], commits[i:i + m], z[i:i + m], mu[i:i + m],
-                spks[i:i + m])]
+        if len(slots) > self.max_batch:
+            return self._in_parts(self.solve, slots, starts, lengths, commits, z, mu, spks)
         self._check(slots, starts, lengths, commits, self.chunk)
         shape = self.shape(len(slots), max(lengths))
         run = self._prepare(self.solves, shape, _Solve, shape[1] <= MAX_FRAMES)
@@ -383,12 +382,6 @@ class WindowGraphs:
 
     def _load(self, batch: WindowBatch, slots: list[int], starts: list[int], lengths: list[int], commits: list[int]
               ) -> None:
-        """Overwrite a bucket's index in place, with one host-to-device copy; rows past len(slots) pad."""
-        pad = batch.rows - len(slots)
+        """Overwrite a bucket's index; rows past len(slots) pad (the spare slot, one open position at 0)."""
         cached = [min(s, batch.window) for s in starts]
-        rows = [[*slots, *[self.pool.spare] * pad], [*starts, *[0] * pad], [*lengths, *[1] * pad],
-                [*cached, *[0] * pad], [*commits, *[0] * pad]]
-        packed = torch.tensor(rows, dtype=torch.long)
-        if self.device.type == "cuda":
-            packed = packed.pin_memory()
-        batch.index.copy_(packed.to(self.device, non_blocking=True))
+        load_index(batch.index, [(slots, self.pool.spare), (starts, 0), (lengths, 1), (cached, 0), (commits, 0)])

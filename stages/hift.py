@@ -258,11 +258,6 @@ class HiFT(nn.Module):
         return self
 
     # -- pieces ------------------------------------------------------------------------------------------------
-    def source(self, mel: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
-               deterministic: bool = False) -> torch.Tensor:
-        """mel (B, 80, T) -> NSF excitation s (B, 1, 480·T)."""
-        return self.excite(mel, *self.draw(mel, generator, deterministic))
-
     def draw(self, mel: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None,
              deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The source's randomness for mel (B, 80, T): phases (B, H+1, 1), noise (B, H+1, 480·T) (no draw reads the
