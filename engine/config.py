@@ -524,9 +524,9 @@ class EngineConfig:
     start_timeout_s: float = 600.0
     open_timeout_s: float = 60.0
     threads: int | None = None
-    # The thinker's and the TTS LM's short steps and a windowed vocoder flow's encoder pass and Euler steps on fixed
-    # shapes, replayed as CUDA graphs on a CUDA device (stages/decode_graph.py, stages/flow_graph.py; on a CPU the
-    # same steps run eagerly, which only tests them).
+    # The thinker's and the TTS LM's short steps, a windowed vocoder flow's encoder pass and Euler steps, and HiFT
+    # on a steady stream's chunks, on fixed shapes replayed as CUDA graphs on a CUDA device (stages/decode_graph.py,
+    # flow_graph.py, hift_graph.py; on a CPU the same steps run eagerly, which only tests them).
     cuda_graphs: bool = False
     # Flow state all sessions together may hold (bytes; None = no check): a session is admitted only if the
     # longest reply the limits allow still fits (docs/ARCHITECTURE.md, "Vocoder memory").

@@ -64,6 +64,11 @@ class Span:
     def width(self) -> int:
         return self.length
 
+    @property
+    def ragged(self) -> bool:
+        """A lone stream has no padded columns."""
+        return False
+
     def mask(self, k_start: int, n_keys: int, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Chunk mask of this span's queries over keys at [k_start, k_start + n_keys) (boolean; with `dtype`, as an
         additive bias); every attention layer of a stack shares it, so it is built once per call."""

@@ -177,7 +177,7 @@ class PreLookahead(nn.Module):
 
     def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:  # (B, T, C)
         h = x.transpose(1, 2)
-        if getattr(span, "ragged", False):  # a shorter stream's own zero pad starts at its end
+        if span.ragged:  # a shorter stream's own zero pad starts at its end
             h = h * span.valid(x.shape[0], x.device)[:, None, :]
         h = F.pad(h, (0, self.lookahead))
         h = F.leaky_relu(self.conv1(h))  # slope 0.01

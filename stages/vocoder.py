@@ -112,17 +112,6 @@ class VocoderStage:
             self.graphs = WindowGraphs.for_flow(self.flow, limits.max_sessions, options.left_chunks, options.max_batch)
         self.hift = hift.to(device=device, dtype=dtype).eval()
         self.cfg, self.opts, self.limits = cfg, options, limits
-        # and HiFT on fixed shapes (stages/hift_graph.py) for the chunk lengths of a steady stream: under the write
-        # schedules (`write`: the model's W units per TTS write, None: the paper's) and under the hop schedule.
-        self.hift_graphs = None
-        if cuda_graphs:
-            W, r, held = write or StreamParams().write, cfg.flow.token_mel_ratio, cfg.mel_cache_len
-            hop, look = options.token_hop or cfg.token_hop, cfg.flow.pre_lookahead_len
-            frames = [(T, cached) for T, cached in [(r * (W - look), False), (r * W + held, True), (r * hop, False),
-                                                    (r * hop + held, True)] if T > 0]
-            self.hift_graphs = HiFTGraphs(self.hift, options.max_batch, frames, cfg.source_cache_len)
-            if self.hift_graphs.capture:
-                self.hift_graphs.warm()
         self.noise = noise.to(device=device, dtype=dtype)
         self.voices = voices  # name -> (192,) tensor; a VocoderDir or any object with .voice(name)
         self.device, self.dtype = torch.device(device), dtype
@@ -131,6 +120,17 @@ class VocoderStage:
             raise ConfigError(self._hop_error(cfg))
         self.look = cfg.flow.pre_lookahead_len
         self.ratio = cfg.flow.token_mel_ratio
+        # cuda_graphs: HiFT on fixed shapes too (stages/hift_graph.py), for the chunk lengths of a steady stream
+        # under the write schedules (`write`: the model's W units per TTS write, None: the paper's) and under hop.
+        self.hift_graphs = None
+        if cuda_graphs:
+            W, r, held = write or StreamParams().write, self.ratio, cfg.mel_cache_len
+            frames = [(r * (W - self.look), False), (r * W + held, True), (r * self.hop, False),
+                      (r * self.hop + held, True)]
+            self.hift_graphs = HiFTGraphs(self.hift, options.max_batch, [f for f in frames if f[0] > 0],
+                                          cfg.source_cache_len)
+            if self.hift_graphs.capture:
+                self.hift_graphs.warm()
         # np.hamming(2 * 3840) as upstream, kept in float64 then cast like its torch.from_numpy use.
         self.window = torch.from_numpy(np.hamming(2 * cfg.source_cache_len)).to(device=device, dtype=dtype)
         self.sessions: dict[str, _Session] = {}
