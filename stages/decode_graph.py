@@ -45,6 +45,13 @@ def bucket(n: int, smallest: int, largest: int) -> int:
     return next((b for b in buckets(smallest, largest) if b >= n), largest)
 
 
+def in_parts(call, size: int, *columns) -> list:
+    """`call` over `size` rows at a time, every column sliced alike (a None column stays None): each part's result,
+    in order. A fixed-shape call wider than its largest row bucket runs so."""
+    n = len(next(c for c in columns if c is not None))
+    return [call(*(c if c is None else c[i:i + size] for c in columns)) for i in range(0, n, size)]
+
+
 def slot_cache(lm: Qwen2LM, sessions: int, max_len: int, device, dtype, graphs: bool, tokens: tuple[int, ...] = (1,),
                head: bool = True) -> tuple[SlotKVCache, DecodeGraphs | None]:
     """A stage's KV cache for `sessions` slots of `max_len` positions and, with `graphs`, its fixed-shape steps: the

@@ -177,8 +177,8 @@ class Flow(nn.Module):
             (graphs,) = graphs.values()
             # 1. Encoder over the open tokens [enc_done, n) of each stream.
             if graphs is not None:
-                mu_new = graphs.encode([s.slot for s, _ in work], [p.tok.start for _, p in work],
-                                       [p.tok.commit for _, p in work], [s.tokens for s, _ in work])
+                mu_new = graphs.encode([s.slot for s, _ in work], [s.enc_done for s, _ in work],
+                                       [p.done - s.enc_done for s, p in work], [s.tokens for s, _ in work])
             else:
                 width = max(len(s.tokens) for s, _ in work)
                 tokens = torch.stack([F.pad(s.tokens, (0, width - len(s.tokens))) for s, _ in work])
@@ -219,9 +219,11 @@ class _Plan:
     done: int  # tokens committed after this call
     est_new: int  # frames committed after this call
     start: int  # the estimator's open frames [start, L)
-    tok: Span
-    frm: Span
-    est: list[Span] | None  # per Euler step; None for a stream whose estimator state is in a pool (flow_graph)
+    # The encoder's token and frame spans and the estimator's per Euler step; None for a stream whose state is in
+    # the pools of flow_graph (its step needs only the numbers above).
+    tok: Span | None
+    frm: Span | None
+    est: list[Span] | None
     mu: torch.Tensor | None = None
     mel: torch.Tensor | None = None
 
@@ -318,13 +320,14 @@ class FlowStream:
         # keeping.
         ce, cd = cfg.encoder.static_chunk_size, cfg.estimator.static_chunk_size
         done = self.enc_done if finalize else max(self.enc_done, (n - look) // ce * ce)
-        tok, frm = flow._spans(self.enc_done, n - self.enc_done, done - self.enc_done, self.left_chunks,
-                               self.enc_caches)
         # Estimator over the open frames [est_done, L): an estimator chunk is final once all its mu are final.
         est_new = self.est_done if finalize else max(self.est_done, r * done // cd * cd)
         start = self.est_done
-        est = None if self.graphs is not None else [Span(start, L - start, cd, est_new - start, self.left_chunks,
-                                                         caches) for caches in self.est_caches]
+        if self.graphs is not None:
+            return _Plan(finalize, L, done, est_new, start, None, None, None)
+        tok, frm = flow._spans(self.enc_done, n - self.enc_done, done - self.enc_done, self.left_chunks,
+                               self.enc_caches)
+        est = [Span(start, L - start, cd, est_new - start, self.left_chunks, caches) for caches in self.est_caches]
         return _Plan(finalize, L, done, est_new, start, tok, frm, est)
 
     def _commit(self, p: _Plan | None) -> torch.Tensor:

@@ -122,11 +122,11 @@ class SpanBatch:
                 self._masks[key] = additive(self.mask(layout, rows, device), dtype)
         return self._masks[key]
 
-    def valid(self, n_rows: int, device: torch.device) -> torch.Tensor:
-        """(n_rows, width) bool over the batch's rows (each stream's consecutive): True at the columns that hold a
-        real position."""
+    def valid(self, device: torch.device) -> torch.Tensor:
+        """(streams, width) bool: True at the columns that hold a real position (for a stack whose streams own one
+        row each: the encoder's)."""
         cols = torch.arange(self.width, device=device)
-        return torch.stack([cols < s.length for s in self.spans]).repeat_interleave(n_rows // len(self.spans), dim=0)
+        return torch.stack([cols < s.length for s in self.spans])
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

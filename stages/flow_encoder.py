@@ -178,7 +178,7 @@ class PreLookahead(nn.Module):
     def forward(self, x: torch.Tensor, span: Span | SpanBatch) -> torch.Tensor:  # (B, T, C)
         h = x.transpose(1, 2)
         if span.ragged:  # a shorter stream's own zero pad starts at its end
-            h = h * span.valid(x.shape[0], x.device)[:, None, :]
+            h = h * span.valid(x.device)[:, None, :]
         h = F.pad(h, (0, self.lookahead))
         h = F.leaky_relu(self.conv1(h))  # slope 0.01
         h = self.conv2(causal_pad(h, 2, span, self))

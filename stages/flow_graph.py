@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omni2.stages.decode_graph import GraphedRun, bucket, buckets, load_index
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts, load_index
 from omni2.stages.flow import Flow, solve_euler_batch
 from omni2.stages.flow_cache import additive
 from omni2.stages.flow_encoder import PreLookahead, RelPosAttention, Upsample1D
@@ -143,7 +143,7 @@ class WindowBatch:
         visible[:, :, K] |= ~valid  # a padding query reads one key: no fully masked row
         self.visible = visible.repeat_interleave(n, dim=0)[:, None]  # (nB, 1, T, K + T): every copy
         self.bias = additive(self.visible, self.dtype)
-        self.valid = valid.repeat_interleave(n, dim=0)  # (nB, T)
+        self.valid = valid  # (B, T)
         if self.rel:
             self.distance = (q[:, :, None] - k_pos[:, None, :]).clamp(self.lo, self.hi - 1) - self.lo  # (B, T, K + T)
         # Kept keys: the last min(cached + commit, K) of [cached..., the commit's open ones...]; the rest is stale.
@@ -165,7 +165,8 @@ class WindowSpan:
     def __init__(self, batch: WindowBatch, pool: WindowPool, step: int = 0):
         self.batch, self.pool, self.step = batch, pool, step
 
-    def valid(self, n_rows: int, device) -> torch.Tensor:
+    def valid(self, device) -> torch.Tensor:
+        """(streams, width) bool, as SpanBatch.valid: made in the step, on the pool's device."""
         return self.batch.valid
 
     def causal_pad(self, x: torch.Tensor, pad: int, layer) -> torch.Tensor:
@@ -334,11 +335,6 @@ class WindowGraphs:
                 raise ValueError(f"open span [{s}, {s + m}) committing {c}: spans start and commits end on chunk "
                                  f"boundaries ({chunk} positions)")
 
-    def _in_parts(self, call, *columns) -> list[torch.Tensor]:
-        """`call` over max_batch streams at a time (each column sliced alike); its outputs in order."""
-        m = self.max_batch
-        return [out for i in range(0, len(columns[0]), m) for out in call(*(c[i:i + m] for c in columns))]
-
     @torch.inference_mode()
     def encode(self, slots: list[int], starts: list[int], commits: list[int], tokens: list[torch.Tensor]
                ) -> list[torch.Tensor]:
@@ -346,7 +342,7 @@ class WindowGraphs:
         the encoder state of the first commits[b] of them. Returns each stream's mu (80, ratio * len(tokens[b]))
         (copies). More than max_batch streams run max_batch at a time."""
         if len(slots) > self.max_batch:
-            return self._in_parts(self.encode, slots, starts, commits, tokens)
+            return [mu for part in in_parts(self.encode, self.max_batch, slots, starts, commits, tokens) for mu in part]
         lengths = [len(t) for t in tokens]
         self._check(slots, starts, lengths, commits, self.flow.cfg.encoder.static_chunk_size)
         shape = self.shape(len(slots), max(lengths), MIN_TOKENS, MAX_TOKENS)
@@ -367,7 +363,8 @@ class WindowGraphs:
         of the first commits[b] of them. Returns each stream's mel (80, lengths[b]) fp32 (copies). More than
         max_batch streams run max_batch at a time."""
         if len(slots) > self.max_batch:
-            return self._in_parts(self.solve, slots, starts, lengths, commits, z, mu, spks)
+            parts = in_parts(self.solve, self.max_batch, slots, starts, lengths, commits, z, mu, spks)
+            return [mel for part in parts for mel in part]
         self._check(slots, starts, lengths, commits, self.chunk)
         shape = self.shape(len(slots), max(lengths))
         run = self._prepare(self.solves, shape, _Solve, shape[1] <= MAX_FRAMES)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from omni2.stages.decode_graph import GraphedRun, bucket, buckets
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts
 from omni2.stages.hift import HiFT
 
 REPLAY = "hift_graph.replay"  # the profiler label of a replay (bench/profile_step.py counts its ops)
@@ -89,9 +89,8 @@ class HiFTGraphs:
         if cached and cache_source.shape[-1] != self.cache_samples or (T, cached) not in self.frames:
             return self.hift.inference(mel, cache_source, generators, deterministic)
         if B > self.max_batch:
-            m = self.max_batch
-            parts = [self.inference(mel[i:i + m], cache_source[i:i + m] if cached else None, generators[i:i + m],
-                                    deterministic) for i in range(0, B, m)]
+            parts = in_parts(lambda *rows: self.inference(*rows, deterministic), self.max_batch, mel, cache_source,
+                             generators)
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         voice = self._prepare((bucket(B, 1, self.max_batch), T, cached))
         phases, noise = self.hift.draw(mel, generators, deterministic)

@@ -73,6 +73,15 @@ def test_buckets_are_powers_of_two_within_their_bounds():
     assert graphs.shape(3, 1, 70) == (4, 1, 128) and graphs.shape(5, 2, 10) == (6, 8, 64)
 
 
+def test_in_parts_slices_every_column_alike_and_passes_none_through():
+    calls = []
+    parts = decode_graph.in_parts(lambda a, b, c: calls.append((a, b, c)) or len(a), 2, [1, 2, 3, 4, 5], None,
+                                  torch.arange(5))
+    assert parts == [2, 2, 1]
+    assert [(a, b, c.tolist()) for a, b, c in calls] == [([1, 2], None, [0, 1]), ([3, 4], None, [2, 3]),
+                                                        ([5], None, [4])]
+
+
 @pytest.mark.parametrize("slots,chunk_every", [([3, 0, 6, 1, 4], 0), ([3, 0, 6, 1, 4], 4), ([2], 3)])
 def test_fixed_shape_steps_equal_the_dynamic_step(slots, chunk_every):
     lm = model()
