@@ -130,6 +130,20 @@ def test_warming_prepares_every_bucket():
     assert torch.equal(logits, want)
 
 
+def test_every_bucket_runs_on_tensors_without_values():
+    """What a CPU can check of a capture: each bucket's step runs on the meta device (shapes, no values), so it
+    reads no device value on the host and mixes in no host tensor, either of which a CUDA capture refuses."""
+    with torch.device("meta"):
+        lm = Qwen2LM(CFG).eval()
+    graphs = DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "meta", torch.float32), max_batch=2, tokens=(1, 4),
+                          capture=False)
+    assert graphs.warm() == 2 * 2 * 3
+    for (rows, _, _), step in graphs.steps.items():
+        with torch.inference_mode():
+            step.run()
+        assert step.logits.device.type == "meta" and step.logits.shape == (rows, CFG.vocab_size)
+
+
 def test_bad_steps_are_clear_errors():
     lm = model()
     graphs = DecodeGraphs(lm, SlotKVCache(CFG, SLOTS, MAX_LEN, "cpu", torch.float32), max_batch=4, tokens=(1, 2))

@@ -124,6 +124,19 @@ def test_warming_prepares_every_bucket_and_writes_no_session(flow):
         assert torch.equal(a[:, :SLOTS], b[:, :SLOTS])
 
 
+def test_every_bucket_runs_on_tensors_without_values():
+    """What a CPU can check of a capture: each bucket's body runs on the meta device (shapes, no values), so it
+    reads no device value on the host (.item(), a shape that depends on data) and mixes in no host tensor, either
+    of which a CUDA capture refuses."""
+    with torch.device("meta"):
+        flow = Flow(small_cfg()).eval()
+    graphs = WindowGraphs(flow, SLOTS, 1, max_batch=2, capture=False)
+    assert graphs.warm() == 2 * 2 * 4
+    outs = [run.mel for run in graphs.solves.values()] + [run.mu for run in graphs.encodes.values()]
+    assert {o.device.type for o in outs} == {"meta"}
+    assert graphs.solves[2, 64].mel.shape == (2, 80, 64) and graphs.encodes[2, 16].mu.shape == (2, 80, 32)
+
+
 def test_bad_calls_are_clear_errors(flow):
     graphs = WindowGraphs.for_flow(flow, SLOTS, 1, max_batch=2)
     z = [torch.zeros(80, 4)]

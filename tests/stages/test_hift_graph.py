@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from omni2.stages.hift import HiFT
 from omni2.stages.hift_graph import HiFTGraphs
 from tests.stages.test_hift import random_hift, random_mel
 
@@ -67,6 +68,18 @@ def test_warming_prepares_every_bucket():
     assert sorted(graphs.voices) == [(r, T, c) for r in (1, 2, 3) for T, c in sorted(FRAMES)]
     with pytest.raises(ValueError, match="CUDA device"):
         HiFTGraphs(random_hift(), 3, FRAMES, CACHE, capture=True)
+
+
+def test_every_bucket_runs_on_tensors_without_values():
+    """As the flow's buckets (tests/stages/test_flow_graph.py): each body runs on the meta device, so a capture
+    meets no host read of a device value and no host tensor."""
+    with torch.device("meta"):
+        h = HiFT(random_hift().cfg)
+    h.init_non_persistent("meta")
+    graphs = HiFTGraphs(h.eval().fold_weight_norm(), 2, FRAMES, CACHE, capture=False)
+    assert graphs.warm() == 2 * 2
+    assert {v.spectrum.device.type for v in graphs.voices.values()} == {"meta"}
+    assert graphs.voices[2, 28, True].source.shape == (2, 1, 28 * 480)
 
 
 def test_deterministic_rows_draw_nothing():
