@@ -24,7 +24,8 @@ from omni2.engine.config import HiFTConfig
 
 MAG_CLIP = 1e2  # iSTFT magnitudes are clipped here (exp of the head's first half)
 SNAKE_EPS = 1e-9  # Snake's guard against alpha == 0
-# torch.distributions.Uniform(-π, π)'s float32 bounds, as the source draws its phases: low + u * (high - low)
+# torch.distributions.Uniform(-π, π)'s float32 bounds, as the source draws its phases: low + u * (high - low).
+# 0-dim CPU tensors enter a CUDA op as scalars: no copy to the device (which would wait for the queued kernels).
 PHASE_LOW = torch.tensor(-math.pi)
 PHASE_SPAN = torch.tensor(math.pi) - PHASE_LOW
 
@@ -165,7 +166,7 @@ def draw_source_randomness(batch: int, n_harmonics: int, length: int, device: to
     noise-branch tensor (B, L, 1). `generator=None`: the global RNGs (phases on the CPU, noise on `device`)."""
     gdev = generator.device if generator is not None else None
     u = torch.rand((batch, n_harmonics, 1), generator=generator, device=gdev or "cpu")
-    phases = (PHASE_LOW.to(u.device) + u * PHASE_SPAN.to(u.device)).to(device)
+    phases = (PHASE_LOW + u * PHASE_SPAN).to(device)
     noise = torch.randn((batch, n_harmonics, length), generator=generator, device=gdev or device).to(device)
     torch.randn((batch, length, 1), generator=generator, device=gdev or device)  # upstream's unused noise branch
     return phases, noise

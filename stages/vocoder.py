@@ -251,10 +251,13 @@ class VocoderStage:
                 part = todo[k:k + self.opts.max_batch]
                 for (i, _), pcm in zip(part, self._voice([call for _, call in part])):
                     pieces[i].append(pcm)
+        # Every session's PCM comes to the host in one copy (on a GPU, one wait for the step's kernels).
+        flat = [t for p in pieces for t in p]
+        pcm = torch.cat(flat).float().cpu().numpy() if flat else np.zeros(0, np.float32)
+        ends = np.cumsum([sum(t.shape[-1] for t in p) for p in pieces])
         out = []
-        for x, p in zip(inputs, pieces):
-            pcm = torch.cat(p, dim=-1) if p else torch.zeros(0)
-            out.append(VocoderOutput(x.session_id, pcm.float().cpu().numpy(), x.final))
+        for x, begin, end in zip(inputs, [0, *ends[:-1]], ends):
+            out.append(VocoderOutput(x.session_id, pcm[begin:end], x.final))
             if x.final:
                 self.cancel(x.session_id)
         return out
