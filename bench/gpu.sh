@@ -7,7 +7,8 @@
 #      --cuda-graphs when step 1 passed (its tests replay graphs against eager steps)      at most 100 s
 #   4. the kernels' bandwidth against their references (bench/kernels.py)                at most 30 s
 #   5. the 0.5b TTS LM and vocoder per chunk as a reply grows, and the vocoder's
-#      throughput batched vs one by one at 1/16/64 sessions (bench/tts_vocoder.py)       at most 30 + 40 s
+#      throughput at 1/16/64 sessions with max_batch 64, 16 and 1 (one by one), replayed
+#      as CUDA graphs when step 1 passed (bench/tts_vocoder.py)                          at most 30 + 60 s
 #   6. the latency sweep again on the 7b preset                                          what is left
 #
 #   bash bench/gpu.sh [RESULTS_DIR]        # default bench/results/gpu-<date>
@@ -88,8 +89,10 @@ latency 0.5b 100
 step kernels 30 "$PY" bench/kernels.py --device cuda --batch 1 8 64
 step tts-vocoder-chunks 30 "$PY" bench/tts_vocoder.py --preset 0.5b --root "$CKPT" --device cuda --chunks 30 \
     --json "$OUT/tts-vocoder-chunks.json"
-step vocoder-sessions 40 "$PY" bench/tts_vocoder.py --preset 0.5b --root "$CKPT" --device cuda --sessions 1 16 64 \
-    --chunks 12 --json "$OUT/vocoder-sessions.json"
+# Whether 64 sessions (serving window k = 1) are each faster than real time, and which max_batch gets them there
+# (each value loads and captures once; rows print as they are measured, so a stopped step keeps what it finished).
+step vocoder-sessions 60 "$PY" bench/tts_vocoder.py --preset 0.5b --root "$CKPT" --device cuda --sessions 1 16 64 \
+    --max-batch 64 16 1 --writes 10 --left-chunks 1 $graphs --json "$OUT/vocoder-sessions.json"
 t0=$SECONDS
 while kill -0 $writer 2>/dev/null && (( $(left) >= 60 )); do  # a 7b sweep shorter than a minute measures nothing
     sleep 1

@@ -10,7 +10,10 @@ schedule does (one token2wav per write); ours keeps the flow's completed chunks,
 unit 0 (token2wav). Prints ms per chunk for chunks 1..N; ours must stay flat. With --memory it also prints the
 flow state a session holds after each second of audio, exact and windowed (`--left-chunks K`). With
 --sessions 1 4 8 it prints the vocoder's throughput instead: audio seconds voiced per wall second when N sessions
-each send a 10-unit write every step, batched in one step (VocoderOptions.max_batch) vs voiced one by one.
+each send a 10-unit write every step, for each --max-batch (VocoderOptions.max_batch; default 16 vs 1: batched vs
+voiced one by one), and with --cuda-graphs on the fixed-shape steps a GPU replays:
+
+    python3 bench/tts_vocoder.py --preset 0.5b --device cuda --sessions 1 16 64 --max-batch 64 16 1 --cuda-graphs
 On a CPU shared with other work, run it with OMP_NUM_THREADS=1: torch's spinning worker threads make small ops
 erratic (10-100x) on a busy 2-core machine.
 """
@@ -75,26 +78,36 @@ def vocoder_chunks(vocoder_dir: Path, mode: str, n_chunks: int, device, dtype,
     return times, state
 
 
-def vocoder_throughput(vocoder_dir: Path, sessions: int, writes: int, max_batch: int, device, dtype,
-                       left_chunks: int | None) -> float:
-    """Audio seconds out per wall second: `sessions` sessions, each a 10-unit write per step, for `writes` steps
-    (the first step, the sessions' shortest call, is left out of the timing)."""
+def throughput_stage(vocoder_dir: Path, max_sessions: int, max_batch: int, device, dtype, left_chunks: int | None,
+                     cuda_graphs: bool) -> VocoderStage:
+    """A live-schedule vocoder for up to `max_sessions` sessions, batching `max_batch` of them per step (with
+    cuda_graphs: its buckets captured as it loads, which is why one stage serves every session count)."""
     opts = VocoderOptions(schedule="live", left_chunks=left_chunks, max_batch=max_batch)
-    stage = VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=sessions), opts, device=device,
-                                         dtype=dtype)
+    return VocoderStage.from_checkpoint(vocoder_dir, Limits(max_sessions=max_sessions), opts, device=device,
+                                        dtype=dtype, cuda_graphs=cuda_graphs)
+
+
+def vocoder_throughput(stage: VocoderStage, sessions: int, writes: int, device) -> float:
+    """Audio seconds out per wall second: `sessions` sessions, each a 10-unit write per step, for `writes` steps
+    (the first step, the sessions' shortest call, is left out of the timing); the sessions are closed after."""
     rng = np.random.default_rng(0)
-    for i in range(sessions):
-        stage.open(f"s{i}", seed=i)
-    units = [rng.integers(0, 6561, 10 * writes).tolist() for _ in range(sessions)]
+    ids = [f"s{i}" for i in range(sessions)]
+    for i, sid in enumerate(ids):
+        stage.open(sid, seed=i)
+    units = [rng.integers(0, 6561, 10 * writes).tolist() for _ in ids]
     samples, t0 = 0, 0.0
-    for w in range(writes):
-        if w == 1:
-            _sync(device)
-            t0, samples = time.perf_counter(), 0
-        outs = stage.step([VocoderInput(f"s{i}", units[i][10 * w: 10 * w + 10]) for i in range(sessions)])
-        samples += sum(o.pcm.size for o in outs)
-    _sync(device)
-    return samples / stage.sample_rate / (time.perf_counter() - t0)
+    try:
+        for w in range(writes):
+            if w == 1:
+                _sync(device)
+                t0, samples = time.perf_counter(), 0
+            outs = stage.step([VocoderInput(sid, units[i][10 * w: 10 * w + 10]) for i, sid in enumerate(ids)])
+            samples += sum(o.pcm.size for o in outs)
+        _sync(device)
+        return samples / stage.sample_rate / (time.perf_counter() - t0)
+    finally:
+        for sid in ids:
+            stage.close(sid)
 
 
 def main(argv=None) -> None:
@@ -111,8 +124,16 @@ def main(argv=None) -> None:
                     "--left-chunks K) as the reply grows, in MB per second of audio")
     ap.add_argument("--left-chunks", type=int, default=2, help="window of the windowed flow (default 2)")
     ap.add_argument("--sessions", type=int, nargs="+", help="only the vocoder's throughput at these session counts, "
-                    "batched vs one by one (--chunks writes each, window --left-chunks)")
+                    "for each --max-batch (--writes writes each, window --left-chunks)")
+    ap.add_argument("--max-batch", type=int, nargs="+", default=[16, 1], metavar="M",
+                    help="with --sessions: sessions voiced in one step, each value a stage of its own (default 16 1: "
+                    "batched vs one by one)")
+    ap.add_argument("--writes", type=int, default=12, help="with --sessions: 10-unit writes per session (default 12)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="with --sessions: the vocoder's fixed-shape flow and "
+                    "HiFT (CUDA graphs on a GPU; needs the window)")
     args = ap.parse_args(argv)
+    if args.sessions and args.writes < 2:
+        ap.error("--writes must be at least 2 (the first write is left out of the timing)")
 
     device = torch.device(args.device)
     dtype = bench_dtype(device, args.dtype)
@@ -120,17 +141,23 @@ def main(argv=None) -> None:
     md = ModelDir(model_dir)
     torch.set_grad_enabled(False)
     if args.sessions:
-        rows = {}
-        print(f"preset {args.preset}: vocoder audio seconds per wall second, live schedule, window "
-              f"k={args.left_chunks}, {args.chunks} writes of 10 units per session, torch threads "
-              f"{torch.get_num_threads()}")
-        for n in args.sessions:
-            batched = vocoder_throughput(vocoder_dir, n, args.chunks, 16, device, dtype, args.left_chunks)
-            alone = vocoder_throughput(vocoder_dir, n, args.chunks, 1, device, dtype, args.left_chunks)
-            rows[n] = {"batched": batched, "one_by_one": alone}
-            print(f"{n:>3} sessions: batched {batched:7.2f}  one by one {alone:7.2f}  (x{batched / alone:.2f})")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"preset": args.preset, "throughput": rows}, indent=1))
+        rows: dict[int, dict[str, float]] = {n: {} for n in args.sessions}
+        print(f"preset {args.preset}: vocoder audio seconds per wall second (and per session: x real time), live "
+              f"schedule, window k={args.left_chunks}, {args.writes} writes of 10 units per session, cuda graphs "
+              f"{'on' if args.cuda_graphs else 'off'}, torch threads {torch.get_num_threads()}", flush=True)
+        for m in args.max_batch:  # each max_batch loads (and captures) once; a killed run keeps the rows printed
+            t0 = time.perf_counter()
+            stage = throughput_stage(vocoder_dir, max(args.sessions), m, device, dtype, args.left_chunks,
+                                     args.cuda_graphs)
+            print(f"max_batch {m}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+            for n in args.sessions:
+                x = rows[n][str(m)] = vocoder_throughput(stage, n, args.writes, device)
+                print(f"{n:>3} sessions, max_batch {m:>3}: {x:8.2f} audio s per s, x{x / n:.2f} real time per "
+                      "session", flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps({"preset": args.preset, "cuda_graphs": args.cuda_graphs,
+                                                           "writes": args.writes, "throughput": rows}, indent=1))
+            del stage
         return
     if args.memory:
         n = args.voc_chunks or args.chunks
