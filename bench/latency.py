@@ -325,6 +325,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vocoder-left-chunks", type=parse_left_chunks, default=SERVING_LEFT_CHUNKS, metavar="K|all",
                     help=f"the flow's window for ours, engine and reference (default {SERVING_LEFT_CHUNKS}, as serve); "
                          "all = the exact official flow. The baseline is always exact")
+    ap.add_argument("--vocoder-batch", type=int, metavar="N", help="sessions the daemon's vocoder voices in one "
+                    "step (serve --vocoder-batch; default serve's)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="ours (daemon and reference) replay the LLM's and TTS LM's decode steps as CUDA graphs")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds without an event before a turn fails")
@@ -342,6 +344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             and args.ckpt_root is None:
         ap.error("--connect needs the daemon's --model-dir/--vocoder-dir (or --ckpt-root of its preset) for the "
                  "single-process systems, or --skip-baseline --skip-reference")
+    if args.vocoder_batch is not None and args.vocoder_batch < 1:
+        ap.error(f"--vocoder-batch must be at least 1, got {args.vocoder_batch}")
     args.schedules = [parse_schedule(s) for s in args.schedule]
     return args
 
@@ -396,7 +400,8 @@ def main(argv=None) -> int:
                         "vocoder_dir": str(vocoder_dir), "connect": args.connect, "threads": threads,
                         "max_new_tokens": args.max_new_tokens, "turns": args.turns, "seeds": list(args.seeds),
                         "arrivals": args.arrivals, "rate": args.rate, "gap_s": args.gap, "listen": args.listen,
-                        "baseline_schedule": args.baseline_schedule, "systems": ["engine", *systems]},
+                        "baseline_schedule": args.baseline_schedule, "systems": ["engine", *systems],
+                        "vocoder_batch": args.vocoder_batch},
            "configs": []}
     path = out / "latency.json"
     # A run stopped by a time limit (bench/gpu.sh gives each step one) still stops its daemon, and keeps the cells
@@ -426,7 +431,7 @@ def main(argv=None) -> int:
                                   threads=threads, max_sessions=max(args.concurrency),
                                   max_new_tokens=args.max_new_tokens, schedule=schedule, token_hop=hop,
                                   left_chunks=args.vocoder_left_chunks, offline=mode == "offline",
-                                  cuda_graphs=args.cuda_graphs)
+                                  cuda_graphs=args.cuda_graphs, vocoder_batch=args.vocoder_batch)
                 daemon = bench_daemon(spec, out / "logs" / f"daemon-r{r}w{w}-{schedule}{hop or ''}-{mode}.log")
                 address = daemon.start()
             try:

@@ -31,6 +31,7 @@ class DaemonSpec:
     left_chunks: int | None = None  # the flow's window; None = the exact official flow
     offline: bool = False
     cuda_graphs: bool = False
+    vocoder_batch: int | None = None  # sessions the vocoder voices in one step; None = serve's default
     # A worker's heartbeat thread shares the GIL with its step: on a loaded 2-core machine the default 1 s would
     # restart healthy workers mid-sweep and show up as failed turns, not as latency.
     hang_s: float = 10.0
@@ -59,7 +60,8 @@ def _serve(spec: DaemonSpec, bind: str) -> int:
                           limits=limits, threads=spec.threads, hang_s=spec.hang_s,
                           tts_options=TTSOptions(offline=spec.offline), cuda_graphs=spec.cuda_graphs,
                           vocoder_options=VocoderOptions(schedule=spec.schedule, token_hop=spec.token_hop,
-                                                         left_chunks=spec.left_chunks))
+                                                         left_chunks=spec.left_chunks,
+                                                         max_batch=spec.vocoder_batch or VocoderOptions.max_batch))
     return serve(server, engine)
 
 
