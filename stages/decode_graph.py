@@ -22,6 +22,7 @@ dynamic step (`layers.forward_rows`) is tested on a CPU.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -80,6 +81,16 @@ def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph, pool=pool):
         run()
     return graph
+
+
+def log_captures(what: str, runs, started: float) -> None:
+    """Say in the log how many of a family's buckets were captured and how long it took since `started`
+    (time.perf_counter()): a stage's start-up on a GPU is mostly its captures, and a refused one is a bucket left
+    eager."""
+    runs = list(runs)
+    taken = sum(r.graph is not None for r in runs)
+    log.info("%s: %d of %d buckets captured as CUDA graphs in %.1f s", what, taken, len(runs),
+             time.perf_counter() - started)
 
 
 def load_index(index: torch.Tensor, fields: list[tuple[list[int], int]]) -> None:
@@ -201,8 +212,11 @@ class DecodeGraphs:
     def warm(self) -> int:
         """Prepare every bucket now (capture its graph, on CUDA); returns how many there are. Captures run only
         padding, which writes nothing a session owns."""
+        started = time.perf_counter()
         for shape in self.shapes():
             self._prepare(shape)
+        if self.capture:
+            log_captures("decode steps", self.steps.values(), started)
         return len(self.steps)
 
     def _prepare(self, shape: tuple[int, int, int]) -> _Step:

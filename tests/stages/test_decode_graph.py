@@ -2,6 +2,9 @@
 and caches: same tokens, logits to fp32 rounding, whatever rows take part in a step and however many tokens each
 appends; padding never touches a session's keys. On CUDA, the captured graphs replay what the eager fixed-shape
 step computes."""
+import re
+import time
+
 import pytest
 import torch
 
@@ -202,3 +205,23 @@ def test_a_refused_capture_leaves_the_bucket_eager(monkeypatch, caplog):
     bucket.replay()
     bucket.replay()
     assert bucket.calls == 2
+
+
+def test_a_familys_captures_are_counted_in_the_log(monkeypatch, caplog):
+    """warm() on a GPU says how many buckets of a family were captured and in how long: the start-up a serving
+    engineer reads in the worker's log, and a refused capture shows as one bucket fewer."""
+    outcomes = iter([object(), RuntimeError("operation not permitted when stream is capturing"), object()])
+
+    def capture(run, pool):
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(decode_graph, "capture_graph", capture)
+    runs = [decode_graph.GraphedRun() for _ in range(3)]
+    with caplog.at_level("INFO", logger="omni2.stages.decode_graph"):
+        started = time.perf_counter()
+        assert [r.capture(None) for r in runs] == [True, False, True]
+        decode_graph.log_captures("flow Euler steps", runs, started)
+    assert re.search(r"flow Euler steps: 2 of 3 buckets captured as CUDA graphs in \d+\.\d s", caplog.text)
