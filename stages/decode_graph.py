@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -83,14 +84,17 @@ def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def log_captures(what: str, runs, started: float) -> None:
-    """Say in the log how many of a family's buckets were captured and how long it took since `started`
-    (time.perf_counter()): a stage's start-up on a GPU is mostly its captures, and a refused one is a bucket left
-    eager."""
-    runs = list(runs)
-    taken = sum(r.graph is not None for r in runs)
-    log.info("%s: %d of %d buckets captured as CUDA graphs in %.1f s", what, taken, len(runs),
-             time.perf_counter() - started)
+@contextmanager
+def logged_captures(what: str, runs: dict, capture: bool):
+    """Around a family's warm-up: when it captures, say in the log how many of its buckets (`runs`, filled by the
+    warm-up) were captured and in how long. A stage's start-up on a GPU is mostly its captures, and a refused one
+    is a bucket left eager."""
+    started = time.perf_counter()
+    yield
+    if capture:
+        taken = sum(r.graph is not None for r in runs.values())
+        log.info("%s: %d of %d buckets captured as CUDA graphs in %.1f s", what, taken, len(runs),
+                 time.perf_counter() - started)
 
 
 def load_index(index: torch.Tensor, fields: list[tuple[list[int], int]]) -> None:
@@ -212,11 +216,9 @@ class DecodeGraphs:
     def warm(self) -> int:
         """Prepare every bucket now (capture its graph, on CUDA); returns how many there are. Captures run only
         padding, which writes nothing a session owns."""
-        started = time.perf_counter()
-        for shape in self.shapes():
-            self._prepare(shape)
-        if self.capture:
-            log_captures("decode steps", self.steps.values(), started)
+        with logged_captures("decode steps", self.steps, self.capture):
+            for shape in self.shapes():
+                self._prepare(shape)
         return len(self.steps)
 
     def _prepare(self, shape: tuple[int, int, int]) -> _Step:

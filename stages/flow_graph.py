@@ -27,12 +27,10 @@ they are tested on a CPU. HiFT stays dynamic; it runs once per group of equal-le
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 
-from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts, load_index, log_captures
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts, load_index, logged_captures
 from omni2.stages.flow import Flow, solve_euler_batch
 from omni2.stages.flow_cache import additive
 from omni2.stages.flow_encoder import PreLookahead, RelPosAttention, Upsample1D
@@ -307,14 +305,12 @@ class WindowGraphs:
         These runs hold only padding rows, which read and write the spare slot alone."""
         for table, shapes, make, what in ((self.solves, self.shapes(), _Solve, "flow Euler steps"),
                                           (self.encodes, self.encoder_shapes(), _Encode, "flow encoder")):
-            started = time.perf_counter()
-            for shape in shapes:
-                run = self._prepare(table, shape, make)
-                if not self.capture:
-                    self._load(run.batch, [], [], [], [])
-                    run.run()
-            if self.capture:
-                log_captures(what, table.values(), started)
+            with logged_captures(what, table, self.capture):
+                for shape in shapes:
+                    run = self._prepare(table, shape, make)
+                    if not self.capture:
+                        self._load(run.batch, [], [], [], [])
+                        run.run()
         return len(self.solves) + len(self.encodes)
 
     def _prepare(self, table: dict, shape: tuple[int, int], make, keep: bool = True):

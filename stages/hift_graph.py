@@ -14,11 +14,9 @@ host). A chunk length that was not warmed runs the dynamic call.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts, log_captures
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts, logged_captures
 from omni2.stages.hift import HiFT
 
 REPLAY = "hift_graph.replay"  # the profiler label of a replay (bench/profile_step.py counts its ops)
@@ -66,13 +64,11 @@ class HiFTGraphs:
     @torch.inference_mode()
     def warm(self) -> int:
         """Prepare every bucket now (capture its graph, on CUDA; elsewhere run it once). Returns how many."""
-        started = time.perf_counter()
-        for shape in self.shapes():
-            voice = self._prepare(shape)
-            if not self.capture:
-                voice.run()
-        if self.capture:
-            log_captures("HiFT", self.voices.values(), started)
+        with logged_captures("HiFT", self.voices, self.capture):
+            for shape in self.shapes():
+                voice = self._prepare(shape)
+                if not self.capture:
+                    voice.run()
         return len(self.voices)
 
     def _prepare(self, shape: tuple[int, int, bool]) -> _Voice:
