@@ -287,12 +287,12 @@ def test_fold_weight_norm_and_reload():
 
 # --- against the independent oracle (tests/stages/oracle_hift.py: upstream's algorithm over hift.pt keys) ---------
 # NOTE(hift): both sides run float32 and fold weight norm with differently ordered roundings. With f0 near the
-# classifier bias (`_hift`), f0 comes out equal and everything agrees to ~1e-7. With f0 set by the mel
+# classifier bias (`random_hift`), f0 comes out equal and everything agrees to ~1e-7. With f0 set by the mel
 # (`_wide_f0_hift`, classifier weights ×4000) f0 differs by ulps, and the source's phase integration (a float32
 # cumsum of f0·k/sr over 480·T samples) turns those into ~1e-5 of source amplitude, so those checks allow 5e-5 -
 # still ~2000× below the 0.1 sine amplitude.
 def _wide_f0_hift() -> HiFT:
-    """`_hift` whose f0 swings over ~0-300 Hz from frame to frame (unvoiced frames included): the classifier's
+    """`random_hift` whose f0 swings over ~0-300 Hz from frame to frame (unvoiced frames included): the classifier's
     tiny random weights are scaled up and its bias pulled down, so the mel, not the bias, sets f0."""
     h = random_hift()
     with torch.no_grad():
@@ -339,7 +339,7 @@ def test_source_module_matches_oracle():
     h = random_hift()
     sd = h.state_dict()
     f0 = _f0_contour()
-    f0_up = F.interpolate(f0[:, None], scale_factor=480.0, mode="nearest")  # (2, 1, 12000), as HiFT.source does
+    f0_up = F.interpolate(f0[:, None], scale_factor=480.0, mode="nearest")  # (2, 1, 12000), as HiFT.excite does
     torch.testing.assert_close(oracle.upsample_f0(f0, CFG), f0_up, atol=0, rtol=0)
     B, _, L = f0_up.shape
     H1 = CFG.nb_harmonics + 1
