@@ -20,9 +20,17 @@
 # wall_s null). The exit status is 1 if any step failed or was skipped (its log in the folder says why). Random
 # checkpoints are written once into $OMNI2_BENCH_CKPT (default /tmp/omni2-bench-ckpt); the 7b one (~16 GB, a few
 # CPU minutes) is written in the background while steps 1-5 keep the GPU busy.
+#
+# On a bare GPU machine (its python3 holds torch but neither this package nor pyzmq, soxr, soundfile), the wheels
+# that bench/gpu_wheels.sh puts in .whl/ (carried there) and this checkout are installed into a folder of their own
+# first on PYTHONPATH: the one call is `bash bench/gpu.sh /tmp/gpu; rc=$?; tar -C /tmp -czf $OUT/gpu.tgz gpu;
+# exit $rc` with carry [".whl"] (bench/README.md, "On a GPU machine").
 set -u -o pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+if [[ -z ${PY:-} ]]; then
+    PY=.venv/bin/python
+    [[ -x $PY ]] || PY=python3
+fi
 OUT=${1:-bench/results/gpu-$(date +%Y%m%d-%H%M)}
 CKPT=${OMNI2_BENCH_CKPT:-/tmp/omni2-bench-ckpt}
 mkdir -p "$OUT" "$CKPT"
@@ -30,6 +38,38 @@ OUT=$(cd "$OUT" && pwd) CKPT=$(cd "$CKPT" && pwd)
 case $PY in /*) ;; */*) PY=$PWD/$PY ;; esac
 failed=0
 deadline=$((SECONDS + ${GPU_SH_BUDGET:-470}))
+
+# Run from / : the checkout's top-level kernels/ must not shadow PyPI's `kernels`, which transformers may import.
+importable() { (cd / && timeout 60 "$PY" -c "import omni2.engine.cli.main, zmq, soxr, soundfile") >/dev/null 2>&1; }
+if ! importable; then
+    site=${OMNI2_GPU_SITE:-/tmp/omni2-site}
+    shopt -s nullglob
+    wheels=("${OMNI2_GPU_WHEELS:-.whl}"/*.whl)
+    if (( ${#wheels[@]} == 0 )); then
+        echo "gpu.sh: $PY cannot import this package and its needs, and .whl/ holds no wheels:" \
+             "run bash bench/gpu_wheels.sh where pip reaches the registries and carry .whl (bench/README.md)" >&2
+        exit 1
+    fi
+    echo "=== installing ${#wheels[@]} wheels and this checkout into $site"
+    # The checkout is built in pip's isolated environment, from the carried setuptools: built beside the image's
+    # packages, a setuptools plugin of PyPI's `kernels` (which transformers may pull in) would import the
+    # checkout's kernels/ instead of its own and fail.
+    runtime=()
+    for w in "${wheels[@]}"; do [[ ${w##*/} == setuptools-* ]] || runtime+=("$w"); done
+    if ! { timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+               --target "$site" "${runtime[@]}" &&
+           timeout 120 "$PY" -m pip install -q --no-index --find-links "${wheels[0]%/*}" --no-deps --no-compile \
+               --no-cache-dir --upgrade --target "$site" . ; }; then
+        echo "gpu.sh: installing into $site FAILED" >&2
+        exit 1
+    fi
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+    if ! importable; then
+        echo "gpu.sh: $PY still cannot import omni2.engine, zmq, soxr and soundfile from $site:" >&2
+        (cd / && "$PY" -c "import omni2.engine.cli.main, zmq, soxr, soundfile") 2>&1 | tail -3 >&2
+        exit 1
+    fi
+fi
 GRACE=10  # what `timeout --kill-after` allows a step past its limit
 
 left() { echo $((deadline - SECONDS - GRACE)); }
@@ -60,7 +100,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a limit, its output to th
     git rev-parse HEAD 2>/dev/null
 } > "$OUT/machine.txt"
 
-# Run from / : the checkout's top-level kernels/ must not shadow PyPI's `kernels`, which transformers may import.
+# The 7b checkpoint, written from / like every import check here.
 (cd / && exec "$PY" -c "import sys; from pathlib import Path
 from omni2.engine.checkpoints.model_writer import write_checkpoint
 from omni2.engine.checkpoints.vocoder_writer import write_vocoder_checkpoint

@@ -1,6 +1,7 @@
 """bench/gpu.sh keeps to its budget whatever its steps do: here every step hangs (a stand-in python that sleeps),
 and the script still ends within the budget, says which steps it stopped and which it skipped, exits 1, and leaves
-no process behind (the background checkpoint writer included)."""
+no process behind (the background checkpoint writer included). On a machine whose python cannot import the engine,
+it installs the carried wheels and the checkout first, or says what to carry."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,10 @@ GPU_SH = Path(__file__).parents[2] / "bench" / "gpu.sh"
 BUDGET = 30
 
 HANGING_PY = """#!/bin/sh
-case "$*" in *"import torch; print"*) echo "torch stand-in"; exit 0 ;; esac
+case "$*" in
+    *"import torch; print"*) echo "torch stand-in"; exit 0 ;;
+    *"import omni2.engine"*) exit 0 ;;
+esac
 echo $$ >> "{pids}"
 exec sleep 600
 """
@@ -58,3 +62,58 @@ def test_hanging_steps_cannot_overrun_the_budget(tmp_path):
     while any(alive(p) for p in started):
         assert time.monotonic() < deadline, [p for p in started if alive(p)]
         time.sleep(0.1)
+
+
+MISSING_PY = """#!/bin/sh
+case "$*" in
+    *"import torch; print"*) echo "torch stand-in"; exit 0 ;;
+    *"import omni2.engine"*) exit 1 ;;
+    *"-m pip install"*) echo "$*" >> "{log}"; exit {pip_rc} ;;
+esac
+echo "step $*" >> "{log}"
+exit 0
+"""
+
+
+def run_without_package(tmp_path, wheels: list[str], pip_rc: int) -> tuple[subprocess.CompletedProcess, str]:
+    log = tmp_path / "calls"
+    log.touch()
+    py = tmp_path / "python"
+    py.write_text(MISSING_PY.format(log=log, pip_rc=pip_rc))
+    py.chmod(0o755)
+    whl = tmp_path / "whl"
+    whl.mkdir()
+    for name in wheels:
+        (whl / name).touch()
+    proc = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "results")], capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ, PY=str(py), GPU_SH_BUDGET="40", OMNI2_GPU_WHEELS=str(whl),
+                                               OMNI2_GPU_SITE=str(tmp_path / "site"),
+                                               OMNI2_BENCH_CKPT=str(tmp_path / "ckpt")))
+    return proc, log.read_text()
+
+
+def test_no_package_and_no_wheels_says_what_to_carry_before_any_step(tmp_path):
+    proc, calls = run_without_package(tmp_path, [], pip_rc=0)
+    assert proc.returncode == 1
+    assert "bench/gpu_wheels.sh" in proc.stderr and "carry .whl" in proc.stderr, proc.stderr
+    assert calls == ""  # no install tried, no step run
+    assert "===" not in proc.stdout
+
+
+def test_carried_wheels_and_the_checkout_are_installed_into_the_site(tmp_path):
+    proc, calls = run_without_package(tmp_path, ["pyzmq-27-cp312-abi3-x.whl", "soxr-1-cp312-abi3-x.whl"], pip_rc=0)
+    installs = [line for line in calls.splitlines() if "-m pip install" in line]
+    site = str(tmp_path / "site")
+    assert len(installs) == 2, calls
+    assert "pyzmq-27-cp312-abi3-x.whl" in installs[0] and "soxr-1-cp312-abi3-x.whl" in installs[0]
+    assert installs[1].endswith(f"--target {site} ."), installs[1]  # the checkout, built with the image's setuptools
+    assert all("--no-index" in line and "--no-deps" in line for line in installs)
+    # The stand-in still cannot import it, so the script stops there with the reason instead of running steps.
+    assert proc.returncode == 1 and "still cannot import" in proc.stderr, proc.stderr
+    assert "step" not in calls
+
+
+def test_a_failed_install_stops_the_run(tmp_path):
+    proc, calls = run_without_package(tmp_path, ["pyzmq-27-cp312-abi3-x.whl"], pip_rc=1)
+    assert proc.returncode == 1 and "installing into" in proc.stderr and "FAILED" in proc.stderr, proc.stderr
+    assert calls.count("-m pip install") == 1 and "step" not in calls
