@@ -68,6 +68,15 @@ def slot_cache(lm: Qwen2LM, sessions: int, max_len: int, device, dtype, graphs: 
     return cache, steps
 
 
+def capturing(device: torch.device, capture: bool | None, what: str):
+    """A family's (capture, memory pool) on `device`: it captures by default on CUDA (`capture` None), never where
+    `capture` is False, and all its graphs share one pool."""
+    capture = device.type == "cuda" if capture is None else capture
+    if capture and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need {what} on a CUDA device")
+    return capture, torch.cuda.graph_pool_handle() if capture else None
+
+
 def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
     """`run` captured as a CUDA graph in memory pool `pool`. Lazy initialisations (cuBLAS workspaces, kernel
     selection) must happen before capture, on a side stream as torch.cuda.graphs asks: so `run` runs twice first,
@@ -193,12 +202,9 @@ class DecodeGraphs:
         self.max_batch, self.tokens = max_batch, tuple(sorted(tokens))
         self.max_tokens = self.tokens[-1]
         self.spare_slot = cache.slots - 1 if spare_slot is None else spare_slot
-        self.capture = self.device.type == "cuda" if capture is None else capture
-        if self.capture and self.device.type != "cuda":
-            raise ValueError("CUDA graphs need the cache on a CUDA device")
         if self.max_tokens > cache.max_len:
             raise ValueError(f"rows of {self.max_tokens} tokens do not fit a cache of {cache.max_len} positions")
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.capture, self.pool = capturing(self.device, capture, "the cache")
         self.steps: dict[tuple[int, int, int], _Step] = {}
 
     def shape(self, n_rows: int, n_tokens: int, longest: int) -> tuple[int, int, int]:

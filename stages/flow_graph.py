@@ -23,14 +23,14 @@ serving default), the state of both layer stacks moves into pools of fixed shape
 
 The mu and mel equal FlowStream's windowed encoder and estimator to float rounding (the same layers see the same
 keys, in another order and on padded shapes). Without CUDA the same fixed-shape passes run eagerly: that is how
-they are tested on a CPU. HiFT stays dynamic; it runs once per group of equal-length chunks, whatever the sessions.
+they are tested on a CPU. HiFT's chunks have fixed shapes of their own (stages/hift_graph.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts, load_index, logged_captures
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets, capturing, in_parts, load_index, logged_captures
 from omni2.stages.flow import Flow, solve_euler_batch
 from omni2.stages.flow_cache import additive
 from omni2.stages.flow_encoder import PreLookahead, RelPosAttention, Upsample1D
@@ -248,9 +248,7 @@ class WindowGraphs:
         self.chunk, self.left_chunks, self.max_batch = cfg.estimator.static_chunk_size, left_chunks, max_batch
         w = self.estimator.final_proj.weight
         device, dtype, self.channels = w.device, w.dtype, w.shape[0]
-        self.capture = device.type == "cuda" if capture is None else capture
-        if self.capture and device.type != "cuda":
-            raise ValueError("CUDA graphs need the flow on a CUDA device")
+        self.capture, self.graph_pool = capturing(device, capture, "the flow")
         self.pool = WindowPool([(self.estimator, self.chunk * left_chunks, None)], cfg.cfm.n_timesteps, 2, slots,
                                device, dtype)
         enc, r, ce = flow.encoder, cfg.token_mel_ratio, cfg.encoder.static_chunk_size
@@ -260,7 +258,6 @@ class WindowGraphs:
                                     (enc.up_layer, 0, None),
                                     (enc.up_encoders, kf, (1 - r * ce, kf + r * MAX_TOKENS))], 1, 1, slots,
                                    device, dtype)
-        self.graph_pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.solves: dict[tuple[int, int], _Solve] = {}
         self.encodes: dict[tuple[int, int], _Encode] = {}
 

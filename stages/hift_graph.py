@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from omni2.stages.decode_graph import GraphedRun, bucket, buckets, in_parts, logged_captures
+from omni2.stages.decode_graph import GraphedRun, bucket, buckets, capturing, in_parts, logged_captures
 from omni2.stages.hift import HiFT
 
 REPLAY = "hift_graph.replay"  # the profiler label of a replay (bench/profile_step.py counts its ops)
@@ -52,10 +52,7 @@ class HiFTGraphs:
         device = hift.conv_pre.weight_v.device
         self.hift, self.max_batch, self.cache_samples = hift, max_batch, cache_samples
         self.frames = sorted(set(frames))
-        self.capture = device.type == "cuda" if capture is None else capture
-        if self.capture and device.type != "cuda":
-            raise ValueError("CUDA graphs need HiFT on a CUDA device")
-        self.graph_pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.capture, self.graph_pool = capturing(device, capture, "HiFT")
         self.voices: dict[tuple[int, int, bool], _Voice] = {}
 
     def shapes(self) -> list[tuple[int, int, bool]]:

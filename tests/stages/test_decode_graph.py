@@ -10,6 +10,7 @@ import torch
 from omni2.stages import decode_graph
 from omni2.stages.decode_graph import MIN_KEYS, DecodeGraphs, bucket
 from omni2.stages.layers import Qwen2LM, SlotKVCache, forward_rows, pad_rows
+from tests.stages.recorded_graphs import record_captures
 from tests.stages.test_layers import CFG, random_qwen2
 
 SLOTS, MAX_LEN = 9, 160  # slot 8 is the spare
@@ -84,11 +85,18 @@ def test_in_parts_slices_every_column_alike_and_passes_none_through():
                                                         ([5], None, [4])]
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["eager", "recorded"])
 @pytest.mark.parametrize("slots,chunk_every", [([3, 0, 6, 1, 4], 0), ([3, 0, 6, 1, 4], 4), ([2], 3)])
-def test_fixed_shape_steps_equal_the_dynamic_step(slots, chunk_every):
+def test_fixed_shape_steps_equal_the_dynamic_step(slots, chunk_every, recorded, monkeypatch):
+    """Eagerly, and captured as recorded graphs (a CUDA graph's replay on a CPU: tests/stages/recorded_graphs.py),
+    each bucket captured the first time a step needs it, while sessions hold their slots."""
+    if recorded:
+        record_captures(monkeypatch)
     lm = model()
     lengths = [5, 58, 1, 31, 60][: len(slots)]
-    steps, dyn_cache, fix_cache, graphs = decode_both(lm, slots, lengths, 40, chunk_every=chunk_every)
+    steps, dyn_cache, fix_cache, graphs = decode_both(lm, slots, lengths, 40, capture=recorded,
+                                                      chunk_every=chunk_every)
+    assert all((s.graph is not None) == recorded for s in graphs.steps.values())
     tokens = []
     for part, dyn, fix in steps:
         assert dyn.argmax(-1).tolist() == fix.argmax(-1).tolist(), part

@@ -11,6 +11,7 @@ import torch
 from omni2.stages import flow_graph
 from omni2.stages.flow import Flow, make_noise
 from omni2.stages.flow_graph import WindowGraphs
+from tests.stages.recorded_graphs import record_captures
 from tests.stages.test_flow import CD, CE, T_REPLY, bursts, randomize, replies, small_cfg
 
 SLOTS = 6
@@ -55,11 +56,19 @@ def drive(flow: Flow, left: int, graphs: WindowGraphs | None, slots: list[int]) 
     return out
 
 
-@pytest.mark.parametrize("left", [1, 2])
-def test_fixed_shape_steps_equal_the_windowed_stream(flow, left):
+@pytest.mark.parametrize("left,recorded", [(1, False), (2, False), (1, True)], ids=["1", "2", "1-recorded"])
+def test_fixed_shape_steps_equal_the_windowed_stream(flow, left, recorded, monkeypatch):
     """Every call's mel of every session equals the dynamic windowed stream's to fp32 rounding (measured max
-    2.4e-6), and no slot but the sessions' and the padding's is written, in either pool."""
+    2.4e-6), and no slot but the sessions' and the padding's is written, in either pool. Recorded: every bucket
+    captured as the family is made, and replayed as a CUDA graph would be (tests/stages/recorded_graphs.py)."""
+    if recorded:
+        record_captures(monkeypatch)
+        # Recording is slow (Python per op): buckets up to what these calls use (64 frames, 32 tokens), not 256.
+        monkeypatch.setattr(flow_graph, "MAX_FRAMES", 64)
+        monkeypatch.setattr(flow_graph, "MAX_TOKENS", 32)
     graphs = WindowGraphs.for_flow(flow, SLOTS, left, max_batch=4)
+    runs = [*graphs.solves.values(), *graphs.encodes.values()]
+    assert len(runs) == (12 if recorded else 0) and all(r.graph is not None for r in runs)
     before = pool_state(graphs)
     slots = [4, 0, 2, 1, 3]  # five sessions: one step of 5 takes two calls (max_batch 4)
     fixed = drive(flow, left, graphs, slots)

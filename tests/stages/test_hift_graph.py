@@ -9,6 +9,7 @@ import torch
 
 from omni2.stages.hift import HiFT
 from omni2.stages.hift_graph import HiFTGraphs
+from tests.stages.recorded_graphs import record_captures
 from tests.stages.test_hift import random_hift, random_mel
 
 CACHE = 8 * 480  # the source samples a cached chunk re-reads (mel_cache_len frames)
@@ -27,12 +28,16 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["eager", "recorded"])
 @pytest.mark.parametrize("rows", [1, 3, 6])  # one; three in a bucket of four; six as four + two (max_batch 4)
 @pytest.mark.parametrize("frames,cached", FRAMES)
-def test_a_bucket_voices_as_the_dynamic_call(rows, frames, cached):
+def test_a_bucket_voices_as_the_dynamic_call(rows, frames, cached, recorded, monkeypatch):
     """The same speech and source as HiFT.inference on the same rows (measured max 0 on one thread; fp32 rounding if a
     padded batch picks another conv kernel), the same draws from each session's generator (their states after the
-    call are equal), and padding rows that change nothing."""
+    call are equal), and padding rows that change nothing. Recorded: each bucket captured when first needed and
+    replayed as a CUDA graph would be (tests/stages/recorded_graphs.py)."""
+    if recorded:
+        record_captures(monkeypatch)
     h = random_hift()
     graphs = HiFTGraphs(h, 4, FRAMES, CACHE)
     mel = random_mel(rows, frames, seed=rows)
@@ -47,6 +52,7 @@ def test_a_bucket_voices_as_the_dynamic_call(rows, frames, cached):
     for a, b in zip(g_fixed, g_dynamic):
         assert torch.equal(a.get_state(), b.get_state())
     assert set(graphs.voices) == {(r, frames, cached) for r in {1: [1], 3: [4], 6: [4, 2]}[rows]}
+    assert all((v.graph is not None) == recorded for v in graphs.voices.values())
 
 
 def test_other_lengths_and_caches_run_the_dynamic_call():

@@ -11,6 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from omni2.engine.checkpoints.model_dir import THINKER_EXCLUDE, ModelDir
 from omni2.engine.config import Limits, SamplingParams
 from omni2.stages.llm import LLMError, LLMStage, LLMTurn
+from tests.stages.recorded_graphs import record_captures
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +125,18 @@ def test_batched_sessions_of_different_lengths_equal_each_alone(md):
 
 
 @pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
-    ids=["cpu", "cuda-graphs"])
-def test_fixed_shape_decode_steps_give_the_same_turns(md, device):
+    "cpu", "recorded",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+    ids=["cpu", "recorded", "cuda-graphs"])
+def test_fixed_shape_decode_steps_give_the_same_turns(md, device, monkeypatch):
     """cuda_graphs=True (on a CPU the fixed-shape steps run eagerly; on CUDA they are captured when the stage loads
-    and replayed): four sessions, sampled, s1 asking a second turn whose prefill runs beside the others' decode
-    steps; the same tokens and hidden states as the dynamic steps."""
+    and replayed; "recorded": on a CPU, captured as recorded graphs, tests/stages/recorded_graphs.py): four sessions,
+    sampled, s1 asking a second turn whose prefill runs beside the others' decode steps; the same tokens and hidden
+    states as the dynamic steps."""
+    captured = device != "cpu"
+    if device == "recorded":
+        record_captures(monkeypatch)
+        device = "cpu"
     H = md.config.thinker.hidden_size
     limits = Limits(max_sessions=4, max_context=1024, max_new_tokens=12)
 
@@ -157,7 +164,7 @@ def test_fixed_shape_decode_steps_give_the_same_turns(md, device):
         a, b = torch.stack([h for _, h in fixed[k]]), torch.stack([h for _, h in dynamic[k]])
         assert (a - b).abs().max().item() < 1e-5, k
     assert stage.graphs is not None and len(stage.graphs.steps) >= 2
-    assert all(s.graph is not None for s in stage.graphs.steps.values()) == (device == "cuda")
+    assert all(s.graph is not None for s in stage.graphs.steps.values()) == captured
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(md):

@@ -12,6 +12,7 @@ from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.config import OFFICIAL_SAMPLING, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.stages.sampling import sample
 from omni2.stages.tts import TTSInput, TTSStage
+from tests.stages.recorded_graphs import record_captures
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +172,19 @@ def test_sessions_batched_equal_each_alone(md, stage_factory):
 
 
 @pytest.mark.parametrize("device,offline", [
-    ("cpu", False), ("cpu", True),
+    ("cpu", False), ("cpu", True), ("recorded", False),
     pytest.param("cuda", False, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
-    ids=["streaming", "offline", "cuda-graphs-streaming"])
-def test_fixed_shape_decode_steps_give_the_same_units(md, device, offline):
+    ids=["streaming", "offline", "recorded-streaming", "cuda-graphs-streaming"])
+def test_fixed_shape_decode_steps_give_the_same_units(md, device, offline, monkeypatch):
     """cuda_graphs=True (on a CPU the fixed-shape steps run eagerly; on CUDA they are captured when the stage loads
-    and replayed): sessions at different points of their replies, prefilling chunks and decoding in the same steps,
-    write the units the dynamic step writes. Streaming, a chunk's text fits the 8-token bucket; offline, a reply's
-    text is one chunk, here 2 to 15 positions (the longer ones take the dynamic forward)."""
+    and replayed; "recorded": on a CPU, captured as recorded graphs, tests/stages/recorded_graphs.py): sessions at
+    different points of their replies, prefilling chunks and decoding in the same steps, write the units the dynamic
+    step writes. Streaming, a chunk's text fits the 8-token bucket; offline, a reply's text is one chunk, here 2 to
+    15 positions (the longer ones take the dynamic forward)."""
+    captured = device != "cpu"
+    if device == "recorded":
+        record_captures(monkeypatch)
+        device = "cpu"
     replies = [reply(md, n, 30 + n) for n in (4, 9, 1, 14)]
     params = [SamplingParams(1.0, 50, 1.0, seed=i) for i in range(4)]
 
@@ -210,7 +216,7 @@ def test_fixed_shape_decode_steps_give_the_same_units(md, device, offline):
     # The fixed-shape steps ran, at several batch sizes, for units and for chunks' text.
     assert len({r for r, _, _ in st.graphs.steps}) >= 2
     assert {t for _, t, _ in st.graphs.steps} == {1, 8}
-    assert all(s.graph is not None for s in st.graphs.steps.values()) == (device == "cuda")
+    assert all(s.graph is not None for s in st.graphs.steps.values()) == captured
 
 
 def test_options_units_only_and_offline(md, stage_factory):

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from omni2.engine.config import CheckpointError, ConfigError, Limits, VocoderOptions
+from omni2.stages import flow_graph
 from omni2.stages.vocoder import VocoderError, VocoderInput, VocoderStage
+from tests.stages.recorded_graphs import record_captures
 
 from . import oracle_flow_encoder, oracle_flow_estimator, oracle_hift
 
@@ -272,19 +274,26 @@ def test_bfloat16_runs_and_its_mel_stays_near_float32(tiny_vocoder):
     assert np.sqrt(np.mean(pcm[torch.bfloat16] ** 2)) > 0.01
 
 
-@pytest.mark.parametrize("max_batch", [1, 8])
-def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_batch):
+@pytest.mark.parametrize("max_batch,recorded", [(1, False), (8, False), (2, True)], ids=["1", "8", "2-recorded"])
+def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_batch, recorded, monkeypatch):
     """With cuda_graphs and a window (the serving default), the flow's encoder pass and Euler steps run on fixed
     shapes over pools of one slot per session (stages/flow_graph.py; eagerly on a CPU), and HiFT on the fixed chunk
     lengths of a steady stream (stages/hift_graph.py). Eight sessions with different reply lengths
     and starts, one cancelled mid-reply and answering again in its slot, one closed and its slot reopened: every
     session's PCM equals the dynamic windowed stage's to fp32 rounding, which HiFT's phase integration magnifies from
-    the flow's ~1e-6 (tests/stages/test_flow_graph.py) as it does a batch's (ERR)."""
+    the flow's ~1e-6 (tests/stages/test_flow_graph.py) as it does a batch's (ERR). Recorded: every bucket captured as
+    the stage loads and replayed as a CUDA graph would be (tests/stages/recorded_graphs.py)."""
+    if recorded:
+        record_captures(monkeypatch)
+        # Recording is slow (Python per op): flow buckets up to 64 frames and 32 tokens (wider calls run eagerly),
+        # and HiFT's hop-schedule lengths (unused here) as short as a live write's (hop 10: 20 and 28 frames).
+        monkeypatch.setattr(flow_graph, "MAX_FRAMES", 64)
+        monkeypatch.setattr(flow_graph, "MAX_TOKENS", 32)
     rng = np.random.default_rng(8)
     replies = [rng.integers(0, 6561, n).tolist() for n in (23, 61, 10, 97, 45, 8, 79, 140)]
     writes = [[r[i:i + 10] for i in range(0, len(r), 10)] for r in replies]
     start = [0, 1, 0, 2, 5, 3, 0, 1]
-    opts = VocoderOptions(left_chunks=1, max_batch=max_batch)
+    opts = VocoderOptions(left_chunks=1, max_batch=max_batch, token_hop=10 if recorded else None)
 
     def drive(stage) -> list[np.ndarray]:
         for i in range(8):
@@ -308,15 +317,21 @@ def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_ba
 
     limits = Limits(max_sessions=9)
     fixed_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, cuda_graphs=True)
-    assert fixed_stage.graphs is not None and not fixed_stage.graphs.capture
+    assert fixed_stage.graphs is not None and fixed_stage.graphs.capture == recorded
+    runs = [*fixed_stage.graphs.solves.values(), *fixed_stage.graphs.encodes.values(),
+            *fixed_stage.hift_graphs.voices.values()]
+    assert all((r.graph is not None) == recorded for r in runs)
     fixed = drive(fixed_stage)
-    used = {(T, cached) for _, T, cached in fixed_stage.hift_graphs.voices}
-    assert used == {(14, False), (28, True)}  # every live chunk but the finals' shorter ones
+    voices = fixed_stage.hift_graphs.voices  # recorded: all warmed, the used ones replayed
+    used = {(T, cached) for (_, T, cached), v in voices.items() if not recorded or v.graph.replays}
+    live = {(14, False), (28, True)}  # every live chunk but the finals' shorter ones
+    assert used == (live | {(20, False)} if recorded else live)  # hop 10's uncached length: a lone 10-unit reply
     dynamic = drive(VocoderStage.from_checkpoint(tiny_vocoder, limits, opts))
     for a, b, r in zip(fixed, dynamic, replies):
         assert a.shape == b.shape == (len(r) * 960,)
         assert np.abs(a - b).max() < ERR["incremental"], np.abs(a - b).max()  # measured <= 2.3e-3
         assert np.sqrt(np.mean((a - b) ** 2)) < 1e-4  # measured <= 6.5e-5, of a PCM rms ~0.12
     # The exact flow (no window) has no fixed shape: it stays dynamic; HiFT's lengths follow the model's W.
+    monkeypatch.undo()  # (nothing to record: a stage made only to read its buckets)
     exact = VocoderStage.from_checkpoint(tiny_vocoder, options=VocoderOptions(), cuda_graphs=True, write=12)
     assert exact.graphs is None and exact.hift_graphs.frames == [(18, False), (32, True), (100, False), (108, True)]
