@@ -1,4 +1,6 @@
 """Our Qwen2 decoder with its slot KV cache against transformers' Qwen2ForCausalLM on the same weights."""
+import inspect
+
 import pytest
 import torch
 from transformers import Qwen2Config as HFQwen2Config
@@ -55,13 +57,16 @@ def run_ours(lm, prompts, steps, slots=None, cache=None):
 
 
 def run_hf(hf, prompt, steps):
+    # transformers 5 renamed the KV cache's argument and output `past_key_values` -> `cache` (the old name is
+    # deprecated); the oracle speaks whichever the installed version takes.
+    name = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
     ids = torch.tensor([prompt])
     out = hf(input_ids=ids, use_cache=True)
-    logits, past = [out.logits[:, -1]], out.past_key_values
+    logits, past = [out.logits[:, -1]], out[name]
     toks = [logits[-1].argmax(-1)]
     for _ in range(steps):
-        out = hf(input_ids=toks[-1][:, None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = hf(input_ids=toks[-1][:, None], use_cache=True, **{name: past})
+        past = out[name]
         logits.append(out.logits[:, -1])
         toks.append(logits[-1].argmax(-1))
     return torch.stack(logits, 1)[0], torch.stack(toks, 1)[0]
