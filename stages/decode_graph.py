@@ -96,14 +96,18 @@ def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
 @contextmanager
 def logged_captures(what: str, runs: dict, capture: bool):
     """Around a family's warm-up: when it captures, say in the log how many of its buckets (`runs`, filled by the
-    warm-up) were captured and in how long. A stage's start-up on a GPU is mostly its captures, and a refused one
-    is a bucket left eager."""
+    warm-up) were captured, in how long and, on a GPU, how much device memory the allocator reserved meanwhile (the
+    family's graph pool and buffers). A stage's start-up on a GPU is mostly its captures, a refused one is a bucket
+    left eager, and the pools are what a larger max_batch costs."""
     started = time.perf_counter()
+    on_gpu = capture and torch.cuda.is_available()
+    reserved = torch.cuda.memory_reserved() if on_gpu else 0
     yield
     if capture:
         taken = sum(r.graph is not None for r in runs.values())
-        log.info("%s: %d of %d buckets captured as CUDA graphs in %.1f s", what, taken, len(runs),
-                 time.perf_counter() - started)
+        grew = f" (+{(torch.cuda.memory_reserved() - reserved) / 2**20:.0f} MB reserved)" if on_gpu else ""
+        log.info("%s: %d of %d buckets captured as CUDA graphs in %.1f s%s", what, taken, len(runs),
+                 time.perf_counter() - started, grew)
 
 
 def load_index(index: torch.Tensor, fields: list[tuple[list[int], int]]) -> None:
