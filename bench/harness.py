@@ -1,7 +1,8 @@
-"""Timing and checkpoints shared by the bench scripts (run as `python bench/<name>.py`, so this imports as
-`harness`)."""
+"""Timing, checkpoints and logging shared by the bench scripts (run as `python bench/<name>.py`, so this imports
+as `harness`)."""
 from __future__ import annotations
 
+import logging
 import statistics
 import sys
 import time
@@ -44,3 +45,9 @@ def preset_dirs(root: str | Path, preset: str) -> tuple[Path, Path]:
 def bench_dtype(device: torch.device, name: str | None) -> torch.dtype:
     """--dtype fp32 | bf16; by default fp32 on a CPU, bf16 on a GPU."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name or ("bf16" if device.type == "cuda" else "fp32")]
+
+
+def stage_logs() -> None:
+    """The stages' INFO lines on stderr, as a worker's log has them: on a GPU each family's captures (how many, in
+    how long, the memory reserved), which a bench that loads stages itself would otherwise drop."""
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

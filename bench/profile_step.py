@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import bench_dtype, preset_dirs, timed
+from harness import bench_dtype, preset_dirs, stage_logs, timed
 from torch.profiler import ProfilerActivity, profile
 
 from omni2.engine.checkpoints.model_dir import ModelDir
@@ -109,6 +109,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", type=int, default=12, help="ops per table")
     ap.add_argument("--only", choices=["tts", "vocoder"], help="profile one stage")
     args = ap.parse_args(argv)
+    stage_logs()
 
     device = torch.device(args.device)
     dtype = bench_dtype(device, args.dtype)

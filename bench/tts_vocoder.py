@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import bench_dtype, preset_dirs
+from harness import bench_dtype, preset_dirs, stage_logs
 
 from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.config import Limits, SamplingParams, TTSOptions, VocoderOptions
@@ -133,6 +133,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cuda-graphs", action="store_true", help="with --sessions: the vocoder's fixed-shape flow and "
                     "HiFT (CUDA graphs on a GPU; needs the window)")
     args = ap.parse_args(argv)
+    stage_logs()
     if args.sessions and args.writes < 2:
         ap.error("--writes must be at least 2 (the first write is left out of the timing)")
 
