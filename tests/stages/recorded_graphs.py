@@ -5,9 +5,10 @@ A capture here records the aten ops that a bucket's `run` dispatches — its ten
 by value — and a replay runs that record again, writing each op's result into the tensor the capture got, without
 running `run`'s Python. That is what a CUDA graph does: it replays the kernels and addresses of its capture. So a body
 that bakes in a value the host computed at capture time (a Python number taken from this call's data, a slice
-length), hands its outputs over in a new tensor each call, or reads a tensor created outside its buffers after the
-capture, gives the same wrong answer here as on a GPU, and a host read of a device value (`.item()`) is refused as
-a capture would be. The meta-device tests check the other half: no host value mixed into device math.
+length), or a caller that hands a bucket its input in a new tensor instead of writing into the bucket's buffer,
+gives the same wrong answer here as on a GPU; and a host read of a device value (`.item()`) or a tensor made from
+host data (`torch.tensor(list)`) is refused, as a capture refuses it. The meta-device tests check the other half:
+no host tensor mixed into device math.
 
 Not modelled: the memory pool the families' graphs share (on a GPU one graph's replay may overwrite what another
 left in the pool; every family copies its outputs out right after a replay for that reason), and streams.
@@ -21,6 +22,10 @@ from torch.utils._pytree import tree_flatten
 from omni2.stages import decode_graph, flow_graph, hift_graph
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default}
+# torch.tensor(data) / as_tensor inside a body: on a GPU, a copy from pageable host memory, which a capture refuses
+# (and whose data a replay would not read again). A 0-dim one (what `x[i] = 0` lifts) is a scalar a kernel takes
+# as an argument: no copy.
+HOST_DATA = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
 
 
 class _Recorder(TorchDispatchMode):
@@ -32,6 +37,9 @@ class _Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in HOST_READS:
             raise RuntimeError(f"{func} reads a device value on the host: a CUDA graph capture refuses it")
+        if func in HOST_DATA and args[0].dim() > 0:
+            raise RuntimeError(f"{func}: a tensor made from host data inside the body, a pageable copy that a CUDA "
+                               "graph capture refuses")
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))
         return out

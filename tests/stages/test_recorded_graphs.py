@@ -62,6 +62,27 @@ def test_a_slice_length_taken_from_the_data_stays_the_captures():
         record_graph(DataShaped().run, None)
 
 
+def test_host_data_made_into_a_tensor_is_refused_but_a_scalar_is_not():
+    class HostData(Doubler):
+        def run(self) -> None:
+            self.y = self.x + torch.tensor([1.0, 2.0, 3.0, 4.0])  # on a GPU: a pageable copy inside the capture
+
+    with pytest.raises(RuntimeError, match="tensor made from host data"):
+        record_graph(HostData().run, None)
+
+    class Scalar(Doubler):
+        def run(self) -> None:
+            y = self.x * 2
+            y[0] = 0  # a 0-dim scalar the kernel takes as an argument
+            self.y = y
+
+    body = Scalar()
+    graph = record_graph(body.run, None)
+    body.x.fill_(3.0)
+    graph.replay()
+    assert body.y.tolist() == [0.0, 6.0, 6.0, 6.0]
+
+
 def test_a_refused_record_leaves_the_bucket_eager(monkeypatch):
     from omni2.stages import decode_graph
 
