@@ -68,7 +68,7 @@ def slot_cache(lm: Qwen2LM, sessions: int, max_len: int, device, dtype, graphs: 
     return cache, steps
 
 
-def capturing(device: torch.device, capture: bool | None, what: str):
+def capturing(device: torch.device, capture: bool | None, what: str) -> tuple[bool, object]:
     """A family's (capture, memory pool) on `device`: it captures by default on CUDA (`capture` None), never where
     `capture` is False, and all its graphs share one pool."""
     capture = device.type == "cuda" if capture is None else capture
