@@ -82,6 +82,14 @@ _CANCELLED = object()  # ends an events() iterator without an event
 OUTPUT_EDGES = ("llm_out", "tts_out", "voc_out")
 
 
+def graphs_hint(devices, cuda_graphs: bool) -> str | None:
+    """What start-up says when stages run on a GPU without CUDA graphs: their steps are then host-bound."""
+    if cuda_graphs or not any(str(d).startswith("cuda") for d in devices):
+        return None
+    return ("stages on a GPU without cuda_graphs (serve --cuda-graphs): the decode steps and vocoder writes run "
+            "dynamically, bound by Python and kernel launches rather than by the GPU")
+
+
 class EngineError(RuntimeError):
     """A request the engine refuses, or a failure; `code` is machine-readable."""
 
@@ -224,6 +232,8 @@ class Engine:
             raise
         atexit.register(self.stop)  # before multiprocessing's own exit hook terminates the workers under us
         log.info("engine ready: %s", ", ".join(f"{s}={self.placement.devices[s]}" for s in STAGES))
+        if hint := graphs_hint(self.placement.devices.values(), cfg.cuda_graphs):
+            log.info(hint)
         return self
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ from omni2.engine.cli.generate import run_turn, session_options
 from omni2.engine.config import EngineConfig, Limits
 from omni2.engine.reference import ReferencePipeline
 from omni2.engine.runtime import Engine, EngineError
+from omni2.engine.runtime.engine import graphs_hint
 from omni2.engine.wire.protocol import AudioDelta, ErrorEvent, TextDelta, TurnDone, UnitChunk
 
 LIMITS = Limits(max_sessions=8, max_new_tokens=6)
@@ -394,3 +395,10 @@ def test_each_session_voices_by_its_own_schedule(engine, ref):
     hop = [e for e in got["sch-hop"] if isinstance(e, AudioDelta) and e.pcm.size]
     # hop 50: no audio before 53 units, then 50 units (48000 samples, less the withheld overlap) per call
     assert hop[0].pcm.size >= (2 * 50 - 6 - 8) * 480 or hop[0].final
+
+
+def test_start_up_names_cuda_graphs_only_for_stages_on_a_gpu_without_them():
+    assert graphs_hint(["cpu", "cpu"], cuda_graphs=False) is None
+    assert graphs_hint(["cpu", "cuda:1"], cuda_graphs=True) is None
+    hint = graphs_hint(["cpu", "cuda:1"], cuda_graphs=False)
+    assert "--cuda-graphs" in hint and "kernel launches" in hint
