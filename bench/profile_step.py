@@ -95,7 +95,7 @@ def report(name: str, step, device: torch.device, warmup: int, iters: int, rows:
         print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=48))
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "7b"])
     ap.add_argument("--root", default="checkpoints", help="preset checkpoints are written (once) under ROOT/PRESET")
@@ -108,7 +108,11 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rows", type=int, default=12, help="ops per table")
     ap.add_argument("--only", choices=["tts", "vocoder"], help="profile one stage")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     stage_logs()
 
     device = torch.device(args.device)

@@ -111,7 +111,7 @@ def vocoder_throughput(stage: VocoderStage, sessions: int, writes: int, device) 
             stage.close(sid)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", choices=["tiny", "0.5b", "7b"])
     ap.add_argument("--root", default="checkpoints")
@@ -133,9 +133,14 @@ def main(argv=None) -> None:
     ap.add_argument("--cuda-graphs", action="store_true", help="with --sessions: the vocoder's fixed-shape flow and "
                     "HiFT (CUDA graphs on a GPU; needs the window)")
     args = ap.parse_args(argv)
-    stage_logs()
     if args.sessions and args.writes < 2:
         ap.error("--writes must be at least 2 (the first write is left out of the timing)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    stage_logs()
 
     device = torch.device(args.device)
     dtype = bench_dtype(device, args.dtype)

@@ -4,13 +4,16 @@ no process behind (the background checkpoint writer included). On a machine whos
 it installs the carried wheels and the checkout first, or says what to carry."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-GPU_SH = Path(__file__).parents[2] / "bench" / "gpu.sh"
+BENCH = Path(__file__).parents[2] / "bench"
+GPU_SH = BENCH / "gpu.sh"
 BUDGET = 30
 
 HANGING_PY = """#!/bin/sh
@@ -117,3 +120,43 @@ def test_a_failed_install_stops_the_run(tmp_path):
     proc, calls = run_without_package(tmp_path, ["pyzmq-27-cp312-abi3-x.whl"], pip_rc=1)
     assert proc.returncode == 1 and "installing into" in proc.stderr and "FAILED" in proc.stderr, proc.stderr
     assert calls.count("-m pip install") == 1 and "step" not in calls
+
+
+RECORDING_PY = """#!/bin/sh
+case "$*" in
+    *"import torch; print"*) echo "torch stand-in"; exit 0 ;;
+    *"import omni2.engine"*) exit 0 ;;
+esac
+printf '%s\\0' "$@" >> "{log}"
+printf '\\036\\0' >> "{log}"
+"""
+
+
+def test_every_bench_command_gpu_sh_runs_parses(tmp_path, monkeypatch):
+    """A GPU is lent rarely and briefly: a renamed or mistyped flag in gpu.sh must fail here, not there. Every step
+    "passes" at once (a stand-in python that records its arguments), so every command runs, the graphs flags of a
+    passed step 1 included; each bench script's own parse_args then reads what gpu.sh gave it."""
+    log = tmp_path / "calls"
+    py = tmp_path / "python"
+    py.write_text(RECORDING_PY.format(log=log))
+    py.chmod(0o755)
+    proc = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "results")], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PY=str(py), GPU_SH_BUDGET="400",
+                                                OMNI2_BENCH_CKPT=str(tmp_path / "ckpt")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\x1e\0") if c]
+    scripts = [(Path(c[0]).name, c[1:]) for c in calls if c and c[0].endswith(".py")]
+    assert sorted({name for name, _ in scripts}) == ["kernels.py", "latency.py", "profile_step.py",
+                                                     "tts_vocoder.py"], calls
+    assert sum(name == "latency.py" for name, _ in scripts) == 2  # 0.5b and 7b
+    # Step 1 "passed": both sweeps and the vocoder's throughput per session count replay CUDA graphs.
+    graphed = [argv for name, argv in scripts
+               if name == "latency.py" or (name == "tts_vocoder.py" and "--sessions" in argv)]
+    assert len(graphed) == 3 and all("--cuda-graphs" in argv for argv in graphed)
+    monkeypatch.syspath_prepend(str(BENCH))  # the scripts import their neighbours (harness, latency_schema, ...)
+    for name, argv in scripts:
+        spec = importlib.util.spec_from_file_location(name[:-3], BENCH / name)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name[:-3], module)  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        module.parse_args(argv)  # argparse exits (SystemExit) on an unknown flag or a bad value
