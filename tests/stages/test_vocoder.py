@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from omni2.engine.config import CheckpointError, ConfigError, Limits, VocoderOptions
-from omni2.stages import flow_graph
+from omni2.stages import decode_graph, flow_graph, hift_graph
 from omni2.stages.vocoder import VocoderError, VocoderInput, VocoderStage
 from tests.stages.recorded_graphs import record_captures
 
@@ -274,12 +274,40 @@ def test_bfloat16_runs_and_its_mel_stays_near_float32(tiny_vocoder):
     assert np.sqrt(np.mean(pcm[torch.bfloat16] ** 2)) > 0.01
 
 
+_rng = np.random.default_rng(8)
+EIGHT_REPLIES = [_rng.integers(0, 6561, n).tolist() for n in (23, 61, 10, 97, 45, 8, 79, 140)]
+EIGHT_STARTS = [0, 1, 0, 2, 5, 3, 0, 1]
+
+
+def eight_sessions(stage) -> list[np.ndarray]:
+    """Eight sessions with different reply lengths and starts, one cancelled mid-reply and answering again in its
+    slot, one closed and its slot reopened: each session's PCM."""
+    writes = [[r[i:i + 10] for i in range(0, len(r), 10)] for r in EIGHT_REPLIES]
+    for i in range(8):
+        stage.open(f"s{i}", seed=i)
+    stage.step([VocoderInput("s3", EIGHT_REPLIES[0][:30])])  # a reply cancelled mid-way: s3 answers again after it
+    stage.cancel("s3")
+    stage.open("gone", seed=9)  # a session that comes and goes: its slot is reused below
+    stage.step([VocoderInput("gone", EIGHT_REPLIES[1][:20])])
+    stage.close("gone")
+    stage.close("s5")
+    stage.open("s5", seed=5)
+    pcm = [[] for _ in range(8)]
+    for t in range(max(s + len(w) for s, w in zip(EIGHT_STARTS, writes))):
+        inputs = [VocoderInput(f"s{i}", w[t - EIGHT_STARTS[i]], final=t - EIGHT_STARTS[i] == len(w) - 1)
+                  for i, w in enumerate(writes) if 0 <= t - EIGHT_STARTS[i] < len(w)]
+        for o in stage.step(inputs):
+            pcm[int(o.session_id[1:])].append(o.pcm)
+    for i in range(8):
+        stage.close(f"s{i}")
+    return [np.concatenate(p) for p in pcm]
+
+
 @pytest.mark.parametrize("max_batch,recorded", [(1, False), (8, False), (2, True)], ids=["1", "8", "2-recorded"])
 def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_batch, recorded, monkeypatch):
     """With cuda_graphs and a window (the serving default), the flow's encoder pass and Euler steps run on fixed
     shapes over pools of one slot per session (stages/flow_graph.py; eagerly on a CPU), and HiFT on the fixed chunk
-    lengths of a steady stream (stages/hift_graph.py). Eight sessions with different reply lengths
-    and starts, one cancelled mid-reply and answering again in its slot, one closed and its slot reopened: every
+    lengths of a steady stream (stages/hift_graph.py). Over eight_sessions (a cancel, reused slots), every
     session's PCM equals the dynamic windowed stage's to fp32 rounding, which HiFT's phase integration magnifies from
     the flow's ~1e-6 (tests/stages/test_flow_graph.py) as it does a batch's (ERR). Recorded: every bucket captured as
     the stage loads and replayed as a CUDA graph would be (tests/stages/recorded_graphs.py)."""
@@ -289,31 +317,7 @@ def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_ba
         # and HiFT's hop-schedule lengths (unused here) as short as a live write's (hop 10: 20 and 28 frames).
         monkeypatch.setattr(flow_graph, "MAX_FRAMES", 64)
         monkeypatch.setattr(flow_graph, "MAX_TOKENS", 32)
-    rng = np.random.default_rng(8)
-    replies = [rng.integers(0, 6561, n).tolist() for n in (23, 61, 10, 97, 45, 8, 79, 140)]
-    writes = [[r[i:i + 10] for i in range(0, len(r), 10)] for r in replies]
-    start = [0, 1, 0, 2, 5, 3, 0, 1]
     opts = VocoderOptions(left_chunks=1, max_batch=max_batch, token_hop=10 if recorded else None)
-
-    def drive(stage) -> list[np.ndarray]:
-        for i in range(8):
-            stage.open(f"s{i}", seed=i)
-        stage.step([VocoderInput("s3", replies[0][:30])])  # a reply cancelled mid-way: s3 answers again after it
-        stage.cancel("s3")
-        stage.open("gone", seed=9)  # a session that comes and goes: its slot is reused below
-        stage.step([VocoderInput("gone", replies[1][:20])])
-        stage.close("gone")
-        stage.close("s5")
-        stage.open("s5", seed=5)
-        pcm = [[] for _ in range(8)]
-        for t in range(max(s + len(w) for s, w in zip(start, writes))):
-            inputs = [VocoderInput(f"s{i}", w[t - start[i]], final=t - start[i] == len(w) - 1)
-                      for i, w in enumerate(writes) if 0 <= t - start[i] < len(w)]
-            for o in stage.step(inputs):
-                pcm[int(o.session_id[1:])].append(o.pcm)
-        for i in range(8):
-            stage.close(f"s{i}")
-        return [np.concatenate(p) for p in pcm]
 
     limits = Limits(max_sessions=9)
     fixed_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, cuda_graphs=True)
@@ -321,13 +325,13 @@ def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_ba
     runs = [*fixed_stage.graphs.solves.values(), *fixed_stage.graphs.encodes.values(),
             *fixed_stage.hift_graphs.voices.values()]
     assert all((r.graph is not None) == recorded for r in runs)
-    fixed = drive(fixed_stage)
+    fixed = eight_sessions(fixed_stage)
     voices = fixed_stage.hift_graphs.voices  # recorded: all warmed, the used ones replayed
     used = {(T, cached) for (_, T, cached), v in voices.items() if not recorded or v.graph.replays}
     live = {(14, False), (28, True)}  # every live chunk but the finals' shorter ones
     assert used == (live | {(20, False)} if recorded else live)  # hop 10's uncached length: a lone 10-unit reply
-    dynamic = drive(VocoderStage.from_checkpoint(tiny_vocoder, limits, opts))
-    for a, b, r in zip(fixed, dynamic, replies):
+    dynamic = eight_sessions(VocoderStage.from_checkpoint(tiny_vocoder, limits, opts))
+    for a, b, r in zip(fixed, dynamic, EIGHT_REPLIES):
         assert a.shape == b.shape == (len(r) * 960,)
         assert np.abs(a - b).max() < ERR["incremental"], np.abs(a - b).max()  # measured <= 2.3e-3
         assert np.sqrt(np.mean((a - b) ** 2)) < 1e-4  # measured <= 6.5e-5, of a PCM rms ~0.12
@@ -335,3 +339,24 @@ def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_ba
     monkeypatch.undo()  # (nothing to record: a stage made only to read its buckets)
     exact = VocoderStage.from_checkpoint(tiny_vocoder, options=VocoderOptions(), cuda_graphs=True, write=12)
     assert exact.graphs is None and exact.hift_graphs.frames == [(18, False), (32, True), (100, False), (108, True)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_stage_voices_as_its_eager_fixed_shapes(tiny_vocoder, monkeypatch):
+    """On a GPU the whole live write replays as CUDA graphs (flow encoder, Euler steps, HiFT), captured as the stage
+    loads: eight_sessions' PCM equals the same stage's fixed shapes run eagerly on the same GPU (the same kernels;
+    to the CPU test's bound, in case a kernel is not deterministic)."""
+    limits, opts = Limits(max_sessions=9), VocoderOptions(left_chunks=1, max_batch=8)
+    graphed_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, device="cuda", cuda_graphs=True)
+    runs = [*graphed_stage.graphs.solves.values(), *graphed_stage.graphs.encodes.values(),
+            *graphed_stage.hift_graphs.voices.values()]
+    assert runs and all(r.graph is not None for r in runs)  # every bucket captured: none refused
+    graphed = eight_sessions(graphed_stage)
+    for module in (decode_graph, flow_graph, hift_graph):  # the same stage with its buckets left eager
+        monkeypatch.setattr(module, "capturing", lambda device, capture, what: (False, None))
+    eager_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, device="cuda", cuda_graphs=True)
+    assert not eager_stage.graphs.capture and not eager_stage.hift_graphs.capture
+    eager = eight_sessions(eager_stage)
+    for a, b, r in zip(graphed, eager, EIGHT_REPLIES):
+        assert a.shape == b.shape == (len(r) * 960,)
+        assert np.abs(a - b).max() < ERR["incremental"], np.abs(a - b).max()
