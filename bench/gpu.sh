@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything a GPU machine should measure, in one call and under 8 minutes, into one results folder:
-#   1. the CUDA-only tests (skipped on a CPU; each names cuda or gpu)                      at most 50 s
+# Everything a GPU machine should measure, in one call and under 9 minutes, into one results folder:
+#   1. the CUDA-only tests (skipped on a CPU; each names cuda or gpu)                      at most 100 s
 #   2. where a TTS step's and a vocoder write's time goes, each dynamic and replayed as
 #      CUDA graphs, at 1 and 8 sessions (bench/profile_step.py)                           at most 80 s
 #   3. the latency sweep, 0.5b in bf16, 1/8/32/64 sessions (bench/latency.py), with
@@ -13,7 +13,7 @@
 #
 #   bash bench/gpu.sh [RESULTS_DIR]        # default bench/results/gpu-<date>
 #
-# The whole run has a budget, GPU_SH_BUDGET seconds (default 470: 7 min 50 s), that no step can overrun: each step
+# The whole run has a budget, GPU_SH_BUDGET seconds (default 530: 8 min 50 s), that no step can overrun: each step
 # runs under the smaller of its own limit and the time left (less the 10 s a killed step may take to go), a step
 # with under 15 s left is skipped, and nothing is left running after the budget. So a step that hangs costs only its
 # slot and the rest still runs; a latency step stopped by its limit keeps the cells it finished (latency.json,
@@ -37,7 +37,7 @@ mkdir -p "$OUT" "$CKPT"
 OUT=$(cd "$OUT" && pwd) CKPT=$(cd "$CKPT" && pwd)
 case $PY in /*) ;; */*) PY=$PWD/$PY ;; esac
 failed=0
-deadline=$((SECONDS + ${GPU_SH_BUDGET:-470}))
+deadline=$((SECONDS + ${GPU_SH_BUDGET:-530}))
 
 # Run from / : the checkout's top-level kernels/ must not shadow PyPI's `kernels`, which transformers may import.
 importable() { (cd / && timeout 60 "$PY" -c "import omni2.engine.cli.main, zmq, soxr, soundfile") >/dev/null 2>&1; }
@@ -113,7 +113,7 @@ writer=$!
 trap 'kill -- -$writer 2>/dev/null || kill $writer 2>/dev/null' EXIT
 
 graphs=""
-step cuda-tests 50 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "cuda or gpu" \
+step cuda-tests 100 "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "cuda or gpu" \
     tests/kernels tests/stages && graphs=--cuda-graphs
 # Where a step's time goes (wall vs kernel time, launches, top ops): the first thing to read when a sweep is slow.
 step profile 80 "$PY" bench/profile_step.py --preset 0.5b --root "$CKPT" --device cuda --sessions 1 8 --rows 10
