@@ -23,8 +23,7 @@
 #
 # On a bare GPU machine (its python3 holds torch but neither this package nor pyzmq, soxr, soundfile), the wheels
 # that bench/gpu_wheels.sh puts in .whl/ (carried there) and this checkout are installed into a folder of their own
-# first on PYTHONPATH: the one call is `bash bench/gpu.sh /tmp/gpu; rc=$?; tar -C /tmp -czf $OUT/gpu.tgz gpu;
-# exit $rc` with carry [".whl"] (bench/README.md, "On a GPU machine").
+# first on PYTHONPATH; the device call that does it is in bench/README.md, "On a GPU machine".
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 if [[ -z ${PY:-} ]]; then
@@ -40,7 +39,8 @@ failed=0
 deadline=$((SECONDS + ${GPU_SH_BUDGET:-530}))
 
 # Run from / : the checkout's top-level kernels/ must not shadow PyPI's `kernels`, which transformers may import.
-importable() { (cd / && timeout 60 "$PY" -c "import omni2.engine.cli.main, zmq, soxr, soundfile") >/dev/null 2>&1; }
+NEEDS="import omni2.engine.cli.main, zmq, soxr, soundfile"
+importable() { (cd / && timeout 60 "$PY" -c "$NEEDS") >/dev/null 2>&1; }
 if ! importable; then
     site=${OMNI2_GPU_SITE:-/tmp/omni2-site}
     shopt -s nullglob
@@ -65,8 +65,8 @@ if ! importable; then
     fi
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
     if ! importable; then
-        echo "gpu.sh: $PY still cannot import omni2.engine, zmq, soxr and soundfile from $site:" >&2
-        (cd / && "$PY" -c "import omni2.engine.cli.main, zmq, soxr, soundfile") 2>&1 | tail -3 >&2
+        echo "gpu.sh: $PY still cannot import what it needs from $site ($NEEDS):" >&2
+        (cd / && "$PY" -c "$NEEDS") 2>&1 | tail -3 >&2
         exit 1
     fi
 fi

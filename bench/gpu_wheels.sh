@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The packages this engine needs that a GPU machine's image lacks, as wheels in .whl/ for bench/gpu.sh to install
-# there. Run it here, where pip reaches the registries (the GPU machine reaches nothing), then carry .whl:
+# there. Run it here, where pip reaches the registries (the GPU machine reaches nothing), then carry .whl in the
+# device call bench/README.md gives ("On a GPU machine"):
 #
 #   bash bench/gpu_wheels.sh                   # PYVER=3.12 (the image's python3), x86-64 manylinux wheels
-#   run: bash bench/gpu.sh /tmp/gpu; rc=$?; tar -C /tmp -czf $OUT/gpu.tgz gpu; exit $rc      carry: [".whl"]
 #
 # The image holds torch, transformers, tokenizers, safetensors, numpy, msgpack, tqdm, pyyaml and pytest (the device
 # tool's KINDS.md lists it), not pyzmq, soxr or soundfile (nor soundfile's cffi); setuptools comes along to build
