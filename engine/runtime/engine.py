@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,9 +82,9 @@ _CANCELLED = object()  # ends an events() iterator without an event
 OUTPUT_EDGES = ("llm_out", "tts_out", "voc_out")
 
 
-def graphs_hint(devices, cuda_graphs: bool) -> str | None:
+def graphs_hint(devices: Iterable[str], cuda_graphs: bool) -> str | None:
     """What start-up says when stages run on a GPU without CUDA graphs: their steps are then host-bound."""
-    if cuda_graphs or not any(str(d).startswith("cuda") for d in devices):
+    if cuda_graphs or not any(d.startswith("cuda") for d in devices):
         return None
     return ("stages on a GPU without cuda_graphs (serve --cuda-graphs): the decode steps and vocoder writes run "
             "dynamically, bound by Python and kernel launches rather than by the GPU")
