@@ -79,12 +79,27 @@ def record_graph(run, pool) -> RecordedGraph:
     return RecordedGraph(recorder.ops)
 
 
+def _decide_captures(monkeypatch, capturing) -> None:
+    for module in (decode_graph, flow_graph, hift_graph):  # each imports decode_graph.capturing by name
+        monkeypatch.setattr(module, "capturing", capturing)
+
+
 def record_captures(monkeypatch) -> None:
     """Every fixed-shape family made on a CPU from now on (until `monkeypatch` undoes it) captures by default, as on
     CUDA, into RecordedGraphs instead of CUDA graphs."""
-    def capturing(device, capture, what):
-        return capture is not False, None
-
     monkeypatch.setattr(decode_graph, "capture_graph", record_graph)
-    for module in (decode_graph, flow_graph, hift_graph):
-        monkeypatch.setattr(module, "capturing", capturing)
+    _decide_captures(monkeypatch, lambda device, capture, what: (capture is not False, None))
+
+
+def eager_fixed_shapes(monkeypatch) -> None:
+    """Every fixed-shape family made from now on runs its buckets eagerly, on CUDA too: the twin a replay is
+    compared with."""
+    _decide_captures(monkeypatch, lambda device, capture, what: (False, None))
+
+
+def stage_device(device: str, monkeypatch) -> str:
+    """A stage test's device parameter: "recorded" is the CPU with record_captures."""
+    if device != "recorded":
+        return device
+    record_captures(monkeypatch)
+    return "cpu"

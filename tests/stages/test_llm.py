@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from omni2.engine.checkpoints.model_dir import THINKER_EXCLUDE, ModelDir
 from omni2.engine.config import Limits, SamplingParams
 from omni2.stages.llm import LLMError, LLMStage, LLMTurn
-from tests.stages.recorded_graphs import record_captures
+from tests.stages.recorded_graphs import stage_device
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +134,7 @@ def test_fixed_shape_decode_steps_give_the_same_turns(md, device, monkeypatch):
     sampled, s1 asking a second turn whose prefill runs beside the others' decode steps; the same tokens and hidden
     states as the dynamic steps."""
     captured = device != "cpu"
-    if device == "recorded":
-        record_captures(monkeypatch)
-        device = "cpu"
+    device = stage_device(device, monkeypatch)
     H = md.config.thinker.hidden_size
     limits = Limits(max_sessions=4, max_context=1024, max_new_tokens=12)
 

@@ -12,7 +12,7 @@ from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.config import OFFICIAL_SAMPLING, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.stages.sampling import sample
 from omni2.stages.tts import TTSInput, TTSStage
-from tests.stages.recorded_graphs import record_captures
+from tests.stages.recorded_graphs import stage_device
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +182,7 @@ def test_fixed_shape_decode_steps_give_the_same_units(md, device, offline, monke
     step writes. Streaming, a chunk's text fits the 8-token bucket; offline, a reply's text is one chunk, here 2 to
     15 positions (the longer ones take the dynamic forward)."""
     captured = device != "cpu"
-    if device == "recorded":
-        record_captures(monkeypatch)
-        device = "cpu"
+    device = stage_device(device, monkeypatch)
     replies = [reply(md, n, 30 + n) for n in (4, 9, 1, 14)]
     params = [SamplingParams(1.0, 50, 1.0, seed=i) for i in range(4)]
 

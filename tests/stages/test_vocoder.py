@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from omni2.engine.config import CheckpointError, ConfigError, Limits, VocoderOptions
-from omni2.stages import decode_graph, flow_graph, hift_graph
+from omni2.stages import flow_graph
 from omni2.stages.vocoder import VocoderError, VocoderInput, VocoderStage
-from tests.stages.recorded_graphs import record_captures
+from tests.stages.recorded_graphs import eager_fixed_shapes, record_captures
 
 from . import oracle_flow_encoder, oracle_flow_estimator, oracle_hift
 
@@ -279,6 +279,11 @@ EIGHT_REPLIES = [_rng.integers(0, 6561, n).tolist() for n in (23, 61, 10, 97, 45
 EIGHT_STARTS = [0, 1, 0, 2, 5, 3, 0, 1]
 
 
+def graphed_runs(stage) -> list:
+    """Every fixed-shape bucket a vocoder stage holds: its flow's Euler steps and encoder passes, its HiFT chunks."""
+    return [*stage.graphs.solves.values(), *stage.graphs.encodes.values(), *stage.hift_graphs.voices.values()]
+
+
 def eight_sessions(stage) -> list[np.ndarray]:
     """Eight sessions with different reply lengths and starts, one cancelled mid-reply and answering again in its
     slot, one closed and its slot reopened: each session's PCM."""
@@ -322,8 +327,7 @@ def test_fixed_shape_flow_steps_voice_as_the_dynamic_window(tiny_vocoder, max_ba
     limits = Limits(max_sessions=9)
     fixed_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, cuda_graphs=True)
     assert fixed_stage.graphs is not None and fixed_stage.graphs.capture == recorded
-    runs = [*fixed_stage.graphs.solves.values(), *fixed_stage.graphs.encodes.values(),
-            *fixed_stage.hift_graphs.voices.values()]
+    runs = graphed_runs(fixed_stage)
     assert all((r.graph is not None) == recorded for r in runs)
     fixed = eight_sessions(fixed_stage)
     voices = fixed_stage.hift_graphs.voices  # recorded: all warmed, the used ones replayed
@@ -348,12 +352,10 @@ def test_cuda_graph_stage_voices_as_its_eager_fixed_shapes(tiny_vocoder, monkeyp
     to the CPU test's bound, in case a kernel is not deterministic)."""
     limits, opts = Limits(max_sessions=9), VocoderOptions(left_chunks=1, max_batch=8)
     graphed_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, device="cuda", cuda_graphs=True)
-    runs = [*graphed_stage.graphs.solves.values(), *graphed_stage.graphs.encodes.values(),
-            *graphed_stage.hift_graphs.voices.values()]
+    runs = graphed_runs(graphed_stage)
     assert runs and all(r.graph is not None for r in runs)  # every bucket captured: none refused
     graphed = eight_sessions(graphed_stage)
-    for module in (decode_graph, flow_graph, hift_graph):  # the same stage with its buckets left eager
-        monkeypatch.setattr(module, "capturing", lambda device, capture, what: (False, None))
+    eager_fixed_shapes(monkeypatch)  # the same stage with its buckets left eager
     eager_stage = VocoderStage.from_checkpoint(tiny_vocoder, limits, opts, device="cuda", cuda_graphs=True)
     assert not eager_stage.graphs.capture and not eager_stage.hift_graphs.capture
     eager = eight_sessions(eager_stage)
