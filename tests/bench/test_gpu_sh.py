@@ -26,6 +26,17 @@ exec sleep 600
 """
 
 
+def run_gpu_sh(tmp_path: Path, stand_in: str, budget: int, timeout: float, **env: str
+               ) -> subprocess.CompletedProcess:
+    """gpu.sh into tmp_path/results with `stand_in` (a shell script) as its python, under `budget` seconds."""
+    py = tmp_path / "python"
+    py.write_text(stand_in)
+    py.chmod(0o755)
+    return subprocess.run(["bash", str(GPU_SH), str(tmp_path / "results")], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PY=str(py), GPU_SH_BUDGET=str(budget),
+                                                    OMNI2_BENCH_CKPT=str(tmp_path / "ckpt"), **env))
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -39,14 +50,9 @@ def alive(pid: int) -> bool:
 
 def test_hanging_steps_cannot_overrun_the_budget(tmp_path):
     pids = tmp_path / "pids"
-    py = tmp_path / "python"
-    py.write_text(HANGING_PY.format(pids=pids))
-    py.chmod(0o755)
     out = tmp_path / "results"
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(GPU_SH), str(out)], capture_output=True, text=True, timeout=BUDGET + 60,
-                          env=dict(os.environ, PY=str(py), GPU_SH_BUDGET=str(BUDGET),
-                                   OMNI2_BENCH_CKPT=str(tmp_path / "ckpt")))
+    proc = run_gpu_sh(tmp_path, HANGING_PY.format(pids=pids), BUDGET, BUDGET + 60)
     wall = time.monotonic() - t0
     assert wall < BUDGET, (wall, proc.stdout[-2000:])
     assert proc.returncode == 1, proc.stdout[-2000:]
@@ -81,17 +87,12 @@ exit 0
 def run_without_package(tmp_path, wheels: list[str], pip_rc: int) -> tuple[subprocess.CompletedProcess, str]:
     log = tmp_path / "calls"
     log.touch()
-    py = tmp_path / "python"
-    py.write_text(MISSING_PY.format(log=log, pip_rc=pip_rc))
-    py.chmod(0o755)
     whl = tmp_path / "whl"
     whl.mkdir()
     for name in wheels:
         (whl / name).touch()
-    proc = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "results")], capture_output=True, text=True,
-                          timeout=60, env=dict(os.environ, PY=str(py), GPU_SH_BUDGET="40", OMNI2_GPU_WHEELS=str(whl),
-                                               OMNI2_GPU_SITE=str(tmp_path / "site"),
-                                               OMNI2_BENCH_CKPT=str(tmp_path / "ckpt")))
+    proc = run_gpu_sh(tmp_path, MISSING_PY.format(log=log, pip_rc=pip_rc), 40, 60, OMNI2_GPU_WHEELS=str(whl),
+                      OMNI2_GPU_SITE=str(tmp_path / "site"))
     return proc, log.read_text()
 
 
@@ -137,12 +138,7 @@ def test_every_bench_command_gpu_sh_runs_parses(tmp_path, monkeypatch):
     "passes" at once (a stand-in python that records its arguments), so every command runs, the graphs flags of a
     passed step 1 included; each bench script's own parse_args then reads what gpu.sh gave it."""
     log = tmp_path / "calls"
-    py = tmp_path / "python"
-    py.write_text(RECORDING_PY.format(log=log))
-    py.chmod(0o755)
-    proc = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "results")], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PY=str(py), GPU_SH_BUDGET="400",
-                                                OMNI2_BENCH_CKPT=str(tmp_path / "ckpt")))
+    proc = run_gpu_sh(tmp_path, RECORDING_PY.format(log=log), 400, 120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     calls = [c.split("\0")[:-1] for c in log.read_text().split("\x1e\0") if c]
     scripts = [(Path(c[0]).name, c[1:]) for c in calls if c and c[0].endswith(".py")]
