@@ -340,6 +340,9 @@ class Placement:
         return cls(devices)
 
 
+MIN_CONTEXT = 16  # thinker positions: below this not even the chat template's fixed part fits
+
+
 @dataclass(frozen=True)
 class Limits:
     max_sessions: int = 8
@@ -348,7 +351,7 @@ class Limits:
     max_audio_seconds: float = 30.0  # Whisper sees 30 s per turn; longer input is an error
 
     def __post_init__(self):
-        if self.max_sessions < 1 or self.max_context < 16 or self.max_new_tokens < 1:
+        if self.max_sessions < 1 or self.max_context < MIN_CONTEXT or self.max_new_tokens < 1:
             raise ConfigError(f"limits out of range: {self}")
 
 
@@ -505,7 +508,7 @@ WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 class EngineConfig:
     """The multi-process engine (omni2.engine.runtime): where the model is, how it is placed and limited.
 
-    threads: torch threads per worker process. None shares the machine's cores out among the four workers;
+    threads: torch threads per worker process. None gives every worker every core (default_worker_threads);
     the reference pipeline equals the engine bit for bit only when both use the same count (docs/ARCHITECTURE.md,
     "Threads")."""
 

@@ -13,9 +13,12 @@ import numpy as np
 from omni2.engine.audio import read_wav
 from omni2.engine.cli.main import vocoder_options
 from omni2.engine.cli.reply import Reply
-from omni2.engine.config import Limits, SamplingParams, SessionOptions
+from omni2.engine.config import Limits, SamplingParams, SessionOptions, default_worker_threads
 from omni2.engine.reference import ReferencePipeline
 from omni2.engine.wire.protocol import AudioDelta, TextDelta, TurnDone
+from omni2.stages.llm import LLMError
+from omni2.stages.tts import TTSError
+from omni2.stages.vocoder import VocoderError
 
 
 def session_options(seed: int = 0, greedy: bool = False, voice: str = "default",
@@ -49,21 +52,23 @@ def run_turn(pipe: ReferencePipeline, audio: np.ndarray, sample_rate: int, optio
 
 def main(args) -> int:
     """Entry for the CLI subcommand (argparse namespace from cli/main.py)."""
-    if not args.threads:
-        return _generate(args)
     import torch
 
     before = torch.get_num_threads()  # callable in process (tests): leave the caller's count as it was
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_worker_threads())
     try:
         return _generate(args)
+    except (LLMError, TTSError, VocoderError) as e:  # a limit the reply met (the context, say): no traceback
+        print(f"omni2-engine generate: error: {e}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(before)
 
 
 def _generate(args) -> int:
     samples, sr = read_wav(args.wav)  # first: a missing or unreadable question fails before seconds of loading
-    limits = Limits(max_sessions=1, max_new_tokens=args.max_new_tokens or Limits().max_new_tokens)
+    limits = Limits(max_sessions=1, max_new_tokens=args.max_new_tokens or Limits.max_new_tokens,
+                    max_context=args.max_context or Limits.max_context)
     print(f"loading {args.model_dir} and {args.vocoder_dir} ...", file=sys.stderr)
     pipe = ReferencePipeline(args.model_dir, args.vocoder_dir, device=args.device, limits=limits,
                              vocoder_options=vocoder_options(args), cuda_graphs=args.cuda_graphs)

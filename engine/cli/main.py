@@ -9,7 +9,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from omni2.engine.config import SERVING_LEFT_CHUNKS, CheckpointError, ConfigError, VocoderOptions, parse_left_chunks
+from omni2.engine.config import (
+    MIN_CONTEXT,
+    SERVING_LEFT_CHUNKS,
+    CheckpointError,
+    ConfigError,
+    Limits,
+    VocoderOptions,
+    parse_left_chunks,
+)
 
 
 # -- make-checkpoint -------------------------------------------------------------------------------------------
@@ -142,11 +150,25 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on reply text tokens (default 256)")
     p.add_argument("--voice", default="default", help="speaker voice name (see `omni2-engine voice list`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: every core, as each stage worker of `serve` has, so that the two "
+                        "agree bit for bit; docs/ARCHITECTURE.md, \"Threads\")")
+    _add_max_context(p)
     _add_cuda_graphs(p)
 
     _add_vocoder_options(p)
     p.set_defaults(func=_run_generate)
+
+
+def _add_max_context(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help=f"positions per session in the thinker's KV cache: the prompt (every turn's speech and "
+                        f"replies) plus the reply must fit (default {Limits.max_context}, minimum {MIN_CONTEXT})")
+
+
+def _check_context(args: argparse.Namespace) -> None:
+    if args.max_context is not None and args.max_context < MIN_CONTEXT:
+        raise ConfigError(f"--max-context must be >= {MIN_CONTEXT}, got {args.max_context}")
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -159,6 +181,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     _check_positive(args, "max_new_tokens", "threads", "hop", "vocoder_left_chunks", "vocoder_batch")  # pre-torch
+    _check_context(args)
     vocoder_options(args)
     from omni2.engine.cli import generate
 
@@ -193,6 +216,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int, default=8, help="sessions the engine holds at once (default 8)")
     p.add_argument("--max-sessions-per-client", type=int, default=8, help="per connection (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="cap on reply text tokens (default 256)")
+    _add_max_context(p)
     p.add_argument("--token-file", help="file holding the access token clients must present")
     p.add_argument("--curve-secret-file", help="ZMQ CURVE: the daemon's key pair (NAME.key_secret from "
                                                "`omni2-engine curve-keys`): traffic is encrypted")
@@ -238,7 +262,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from omni2.engine.config import DTYPES, EngineConfig, Limits, Placement, RealtimeConfig, ServerConfig, StreamParams
+    from omni2.engine.config import DTYPES, EngineConfig, Placement, RealtimeConfig, ServerConfig, StreamParams
 
     # Bad values fail here, at once: before the demo checkpoint is written or a model directory is read.
     if args.dtype not in DTYPES:
@@ -246,6 +270,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     Placement.parse(args.placement)
     _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop", "send_hwm",
                     "vocoder_left_chunks", "vocoder_batch")
+    _check_context(args)
     if args.vocoder_memory is not None and not args.vocoder_memory > 0:
         raise ConfigError(f"--vocoder-memory must be a positive number of GB, got {args.vocoder_memory}")
     vocoder_options(args)
@@ -255,7 +280,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s omni2-engine serve: %(message)s",
                         stream=sys.stderr)
     log = logging.getLogger("omni2.serve")
-    limits = Limits(max_sessions=args.max_sessions, max_new_tokens=args.max_new_tokens)
+    limits = Limits(max_sessions=args.max_sessions, max_new_tokens=args.max_new_tokens,
+                    max_context=args.max_context or Limits.max_context)
     cfg = ServerConfig(bind=args.bind, token=_read_token(args.token_file),
                        max_sessions_per_client=args.max_sessions_per_client,
                        max_turn_seconds=limits.max_audio_seconds, max_new_tokens=limits.max_new_tokens,

@@ -5,8 +5,9 @@ loader or client) fails the test instead of loading or connecting.
 
 Covers `chat --wav` without `--out`, unusable `--token-file`s (serve and chat), half a model (`--model-dir`
 without `--vocoder-dir` and the reverse), bad `--dtype` / `--placement` / counts for serve, a missing or corrupt
-question for `generate`, `--max-new-tokens 0` (generate, chat), and `voice add`'s refusals: a missing embedding,
-a pickled .npy (never unpickled), a misshaped one, unsafe names, a prompt over 30 s (and exactly 30 s accepted).
+question for `generate`, `--max-new-tokens 0` (generate, chat), a `--max-context` below 16 or below the prompt
+(generate: one error line, exit 1), and `voice add`'s refusals: a missing embedding, a pickled .npy (never
+unpickled), a misshaped one, unsafe names, a prompt over 30 s (and exactly 30 s accepted).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import soundfile as sf
 from omni2.engine.checkpoints import demo
 from omni2.engine.cli import chat, generate
 from omni2.engine.cli import main as cli
+from omni2.engine.config import default_worker_threads
 from tests.engine.serve.daemon_harness import free_port
 
 PROG = "omni2-engine: error: "
@@ -118,6 +120,7 @@ def test_serve_needs_both_model_dirs_or_neither(guard, tiny_ckpt, tiny_vocoder, 
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--vocoder-left-chunks", "0"], "--vocoder-left-chunks must be >= 1, got 0"),
     (["--vocoder-batch", "0"], "--vocoder-batch must be >= 1, got 0"),
+    (["--max-context", "15"], "--max-context must be >= 16, got 15"),
 ])
 @pytest.mark.parametrize("model", ["demo", "dirs"])
 def test_serve_refuses_bad_options_before_anything_loads(guard, tmp_path, capsys, option, message, model):
@@ -160,6 +163,20 @@ def test_max_new_tokens_below_one(guard, question, tiny_ckpt, tiny_vocoder, tmp_
     chat_argv = ["chat", "--wav", question, "--out", out, "--connect", f"tcp://127.0.0.1:{port}", "--timeout", "1"]
     assert run([*chat_argv, "--max-new-tokens", value], capsys) == f"{PROG}--max-new-tokens must be >= 1, got {value}"
     assert run([*gen, "--threads", "0"], capsys) == f"{PROG}--threads must be >= 1, got 0"
+    assert run([*gen, "--max-context", "8"], capsys) == f"{PROG}--max-context must be >= 16, got 8"
+    assert not out.exists()
+
+
+def test_generate_a_prompt_over_max_context_is_one_error_line(tiny_ckpt, tiny_vocoder, question, tmp_path, capsys):
+    """The limit reaches the thinker (its message names the option to raise); nothing is written."""
+    out = tmp_path / "r.wav"
+    rc = cli.main(["generate", "--model-dir", str(tiny_ckpt), "--vocoder-dir", str(tiny_vocoder), "--wav",
+                   str(question), "--out", str(out), "--max-context", "40", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("omni2-engine generate: error: prompt of ") and last.endswith(
+        "does not fit the context limit 40 (close the session or raise --max-context)"), err
     assert not out.exists()
 
 
@@ -267,3 +284,36 @@ def test_vocoder_options_from_the_command_line(given, left_chunks, batch):
     for verb in (["serve"], ["generate", "--model-dir", "m", "--vocoder-dir", "v", "--wav", "q.wav", "--out", "a.wav"]):
         opts = vocoder_options(build_parser().parse_args([*verb, *given]))
         assert (opts.left_chunks, opts.max_batch, opts.schedule) == (left_chunks, batch, "live")
+
+
+@pytest.mark.parametrize("option, context", [([], 4096), (["--max-context", "512"], 512)])
+def test_serve_hands_its_limits_to_the_engine(monkeypatch, tiny_ckpt, tiny_vocoder, option, context):
+    from omni2.engine.serve import daemon
+
+    seen = []
+    monkeypatch.setattr(daemon, "serve", lambda cfg, engine_cfg: seen.append(engine_cfg) or 0)
+    assert cli.main(["serve", "--model-dir", str(tiny_ckpt), "--vocoder-dir", str(tiny_vocoder), *bind(),
+                     "--max-sessions", "3", "--max-new-tokens", "7", *option]) == 0
+    limits = seen[0].limits
+    assert (limits.max_context, limits.max_sessions, limits.max_new_tokens) == (context, 3, 7)
+
+
+@pytest.mark.parametrize("option, threads", [([], default_worker_threads()), (["--threads", "3"], 3)])
+def test_generate_runs_on_the_workers_thread_count_and_restores_the_callers(monkeypatch, question, capsys, option,
+                                                                            threads):
+    """The reference equals the engine bit for bit only on the same torch thread count (ARCHITECTURE "Threads"):
+    with no --threads generate takes the count every stage worker of `serve` takes."""
+    import torch
+
+    seen = []
+
+    def pipeline(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(generate, "ReferencePipeline", pipeline)
+    before = torch.get_num_threads()
+    assert cli.main(["generate", "--model-dir", "m", "--vocoder-dir", "v", "--wav", str(question), "--out", "a.wav",
+                     *option]) == 2
+    assert capsys.readouterr().err.endswith(PROG + "stop here\n")
+    assert seen == [threads] and torch.get_num_threads() == before
