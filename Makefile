@@ -67,8 +67,8 @@ serve:
 
 bench:
 	@# The quick latency sweep (tiny preset, CPU, ~3 min): bench/results/latency-tiny-quick/ gets the JSON and PNGs.
-	@# One torch thread per process, as `test`: four workers and this one share the cores.
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) bench/latency.py --quick
+	@# Threads as `serve` gives them (every core per worker; latency.py --threads N to pin): what a user serves with.
+	$(PY) bench/latency.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

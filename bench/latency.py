@@ -320,15 +320,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--placement", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--threads", type=int, help="torch threads per worker, and in this process (default: the "
-                                                "cores shared out among the four workers)")
+    ap.add_argument("--threads", type=int, help="torch threads per worker, and in this process (default: every "
+                                                "core, as serve)")
     ap.add_argument("--vocoder-left-chunks", type=parse_left_chunks, default=SERVING_LEFT_CHUNKS, metavar="K|all",
                     help=f"the flow's window for ours, engine and reference (default {SERVING_LEFT_CHUNKS}, as serve); "
                          "all = the exact official flow. The baseline is always exact")
     ap.add_argument("--vocoder-batch", type=int, metavar="N", help="sessions the daemon's vocoder voices in one "
                     "step (serve --vocoder-batch; default serve's)")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="ours (daemon and reference) replay the LLM's and TTS LM's decode steps as CUDA graphs")
+                    help="ours (daemon and reference) replay the LLM's and TTS LM's decode steps and the "
+                         "vocoder's flow encoder, Euler steps and HiFT as CUDA graphs")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds without an event before a turn fails")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-reference", action="store_true", help="check replies against the baseline instead")

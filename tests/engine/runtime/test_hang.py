@@ -1,6 +1,6 @@
 """Hang detection without false alarms: a worker whose heartbeats are late but which runs (a call holding the GIL, a
 machine out of CPU or memory) is slow and is left alone; one in which nothing moves (stopped, deadlocked) is hung
-`hang_s` after its last heartbeat (docs/ARCHITECTURE.md, "Supervisor")."""
+`hang_s` after its last heartbeat (docs/ARCHITECTURE.md, "Reliability")."""
 import contextlib
 import os
 import signal
