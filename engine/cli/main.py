@@ -162,8 +162,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _add_max_context(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, metavar="N",
-                   help=f"positions per session in the thinker's KV cache: the prompt (every turn's speech and "
-                        f"replies) plus the reply must fit (default {Limits.max_context}, minimum {MIN_CONTEXT})")
+                   help=f"positions per session in the thinker's KV cache, allocated for every session at start: "
+                        f"a prompt (every turn's speech and replies) that does not fit is refused, a reply that "
+                        f"fills it ends with finish_reason context (default {Limits.max_context}, "
+                        f"minimum {MIN_CONTEXT})")
 
 
 def _check_context(args: argparse.Namespace) -> None:
