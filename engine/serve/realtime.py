@@ -34,6 +34,7 @@ from websockets.http11 import Request, Response
 
 from omni2.engine.client import AsyncClient, ClientError, RemoteError
 from omni2.engine.config import RealtimeConfig, StreamParams
+from omni2.engine.serve.sessions import authorized
 from omni2.engine.serve.vad import VAD_RATE, TurnDetector, VADSettings
 from omni2.engine.wire import protocol as P
 
@@ -116,7 +117,7 @@ class RealtimeServer:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == PATH:
-            if self.token is not None and presented_token(request.headers) != self.token:
+            if not authorized(self.token, presented_token(request.headers) or ""):  # constant time, as the ZMQ door
                 log.warning("realtime: refused a connection from %s: missing or wrong token",
                             connection.remote_address)
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send "
@@ -229,7 +230,7 @@ class Connection:
         if self.session.sample_rate != self.out_rate:
             log.info("realtime: the vocoder speaks at %d Hz; output resampled to %d Hz", self.session.sample_rate,
                      self.out_rate)
-        self.detector = TurnDetector(self.vad) if self.vad is not None else None
+        self.restart_detection()
 
     async def _close_engine_session(self) -> None:
         if self.response is not None and self.replies is not None:
@@ -337,28 +338,28 @@ class Connection:
         voice = a_out.get("voice", s.get("voice", self.voice))
         if not isinstance(voice, str):
             raise EventError("invalid_value", "voice must be a string", "voice")
-        if voice != self.voice:
-            if self.response is not None or self.last_item is not None:
-                raise EventError("invalid_value", "the voice can change only before the first turn", "voice")
-            await self.session.close(timeout=10.0)
-            self.voice = voice
-            try:
-                self.session = await self.client.open(self.session_id, voice=voice)
-            except RemoteError:
-                self.voice = "default"
-                self.session = await self.client.open(self.session_id, voice="default")
-                raise
-        if s.get("instructions"):
-            log.warning("realtime: %s: instructions are ignored (LLaMA-Omni2 has no system prompt)",
-                        self.session_id)
+        if voice != self.voice and (self.response is not None or self.last_item is not None):
+            raise EventError("invalid_value", "the voice can change only before the first turn", "voice")
         if rate != self.input_rate and self.buffered:
             raise EventError("invalid_value", "the input rate can change only while the input buffer is empty",
                              "audio.input.format")
-        self.input_rate, self.text_only = rate, text_only
-        if detection is not self.vad:
-            self.vad = detection
-            self.detector = TurnDetector(detection) if detection is not None else None
-            self.to_vad, self.speech_start_ms = None, None
+        if voice != self.voice:  # the engine is the one to know the voice: an unknown one leaves the old in place
+            await self.session.close(timeout=10.0)
+            try:
+                self.session = await self.client.open(self.session_id, voice=voice)
+            except RemoteError:
+                self.session = await self.client.open(self.session_id, voice=self.voice)
+                raise
+            self.voice = voice
+        if s.get("instructions"):
+            log.warning("realtime: %s: instructions are ignored (LLaMA-Omni2 has no system prompt)",
+                        self.session_id)
+        restart = detection is not self.vad or rate != self.input_rate
+        # The buffer is empty here if the rate changes: only where the stream stands moves to the new rate.
+        self.buffer_start = self.buffer_start * rate // self.input_rate
+        self.input_rate, self.text_only, self.vad = rate, text_only, detection
+        if restart:
+            self.restart_detection()
         await self.emit({"type": "session.updated", "session": self.describe()})
 
     async def append(self, event: dict) -> None:
@@ -387,6 +388,13 @@ class Connection:
         self.buffered += pcm.size
         if self.detector is not None:
             await self.detect(pcm)
+
+    def restart_detection(self) -> None:
+        """A fresh turn detector (and resampler) from where the input stream stands, so that the positions it
+        reports stay those of the stream, as commit_span reads them."""
+        origin_ms = (self.buffer_start + self.buffered) * 1000 // self.input_rate
+        self.detector = TurnDetector(self.vad, origin_ms=origin_ms) if self.vad is not None else None
+        self.to_vad, self.speech_start_ms = None, None
 
     async def detect(self, pcm: np.ndarray) -> None:
         if self.to_vad is None:
@@ -449,15 +457,13 @@ class Connection:
         end_ms = (self.buffer_start + self.buffered) * 1000 // self.input_rate + 1
         await self.commit_span(start_ms, end_ms, item)
         if self.detector is not None:  # the client decided this turn's end itself
-            self.detector = TurnDetector(self.vad)
-            self.to_vad, self.speech_start_ms = None, None
+            self.restart_detection()
             await self.answer()
 
     async def clear(self, event: dict) -> None:
         self.drop_before(self.buffer_start + self.buffered)
         if self.detector is not None:
-            self.detector = TurnDetector(self.vad)
-            self.to_vad, self.speech_start_ms = None, None
+            self.restart_detection()
         await self.emit({"type": "input_audio_buffer.cleared"})
 
     async def response_create(self, event: dict) -> None:

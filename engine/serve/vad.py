@@ -91,16 +91,18 @@ class VADEvent:
 
 class TurnDetector:
     """server_vad over a stream of 16 kHz float32 audio: speech starts at the first frame scoring >= threshold
-    (reported `prefix_padding_ms` earlier, never before the stream's start) and stops after `silence_duration_ms`
-    of frames below it (reported at the end of the last speech frame)."""
+    (reported `prefix_padding_ms` earlier, never before the detector's start) and stops after
+    `silence_duration_ms` of frames below it (reported at the end of the last speech frame). Positions are ms of the
+    input stream: a detector started mid-stream (after a commit, a clear, a new rate) is given where, `origin_ms`."""
 
-    def __init__(self, settings: VADSettings, vad: SileroVAD | None = None):
+    def __init__(self, settings: VADSettings, vad: SileroVAD | None = None, origin_ms: int = 0):
         self.settings, self.vad = settings, vad or SileroVAD()
+        self.origin_ms = origin_ms
         self.pending = np.zeros(0, np.float32)
-        self.frames = 0  # frames scored since the stream began
+        self.frames = 0  # frames scored since the detector began
         self.speaking = False
         self.silent_frames = 0
-        self.last_speech_end_ms = 0
+        self.last_speech_end_ms = origin_ms
 
     def feed(self, audio16k: np.ndarray) -> list[VADEvent]:
         events = []
@@ -109,14 +111,16 @@ class TurnDetector:
         frame_ms = 1000 * FRAME // VAD_RATE
         for i in range(n):
             p = self.vad(self.pending[i * FRAME:(i + 1) * FRAME])
-            start_ms, end_ms = self.frames * frame_ms, (self.frames + 1) * frame_ms
+            start_ms = self.origin_ms + self.frames * frame_ms
+            end_ms = start_ms + frame_ms
             self.frames += 1
             if p >= self.settings.threshold:
                 self.silent_frames = 0
                 self.last_speech_end_ms = end_ms
                 if not self.speaking:
                     self.speaking = True
-                    events.append(VADEvent("speech_started", max(0, start_ms - self.settings.prefix_padding_ms)))
+                    events.append(VADEvent("speech_started",
+                                           max(self.origin_ms, start_ms - self.settings.prefix_padding_ms)))
             elif self.speaking:
                 self.silent_frames += 1
                 if self.silent_frames * frame_ms >= self.settings.silence_duration_ms:

@@ -120,6 +120,48 @@ def test_a_server_vad_turn_equals_the_engine_reply(daemon):
     assert np.array_equal(expected, audio)
 
 
+def test_turns_keep_the_streams_clock_across_a_clear_and_a_new_rate(daemon):
+    """audio_start_ms / audio_end_ms count from the start of the session's input stream, also after a clear and a
+    change of input rate (each restarts the turn detector), and the committed turn is the audio they name. A refused
+    update changes nothing: the rate check comes before the engine is asked about the voice."""
+    rate = 16000
+    pcm = np.concatenate([np.zeros(rate // 2, np.int16), wav("question.wav", rate), np.zeros(rate, np.int16)])
+
+    async def talk():
+        async with sdk(daemon) as conn:
+            await until(conn, "session.created")
+            await append(conn, np.zeros(RATE, np.int16))  # the stream's first second, then thrown away
+            await conn.session.update(session={"type": "realtime", "audio": {
+                "input": {"format": {"type": "audio/pcm", "rate": rate}}, "output": {"voice": "nobody"}}})
+            refused = await until(conn, "error")
+            await conn.input_audio_buffer.clear()
+            await until(conn, "input_audio_buffer.cleared")
+            await conn.session.update(session={"type": "realtime", "audio": {
+                "input": {"format": {"type": "audio/pcm", "rate": rate}}}})
+            updated = await until(conn, "session.updated")
+            await append(conn, pcm, step=3200)
+            started = await until(conn, "input_audio_buffer.speech_started")
+            stopped = await until(conn, "input_audio_buffer.speech_stopped")
+            events = []
+            await until(conn, "response.done", log=events)
+        return refused, updated, started, stopped, events
+
+    refused, updated, started, stopped, events = asyncio.run(talk())
+    assert (refused.error.code, refused.error.param) == ("invalid_value", "audio.input.format"), refused.error
+    assert updated.session.audio.input.format.rate == rate and updated.session.audio.output.voice == "default"
+    # The question starts 1.5 s into the stream (the padding puts the turn 300 ms before the speech).
+    assert 1150 <= started.audio_start_ms <= 1350, started.audio_start_ms
+    assert 5200 <= stopped.audio_end_ms <= 5950, stopped.audio_end_ms
+    text, audio = reply_of(events)
+    span = pcm[(started.audio_start_ms - 1000) * rate // 1000:(stopped.audio_end_ms - 1000) * rate // 1000]
+    with daemon.client() as c:
+        s = c.open()
+        ref = s.reply(span, rate)
+        s.close()
+    assert text and ref.text == text
+    assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)
+
+
 def beta_sdk(daemon):
     """The SDK's beta namespace (`OpenAI-Beta: realtime=v1`): beta event names and session fields."""
     client = openai.AsyncOpenAI(api_key=TOKEN, base_url=f"http://127.0.0.1:{daemon.realtime_port}/v1",
