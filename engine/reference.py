@@ -21,6 +21,7 @@ from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.config import Limits, SessionOptions, TTSOptions, VocoderOptions
 from omni2.engine.wire.protocol import AudioDelta, Event, TextDelta, TurnDone, UnitChunk
 from omni2.stages.asr import ASRStage
+from omni2.stages.device import check_device
 from omni2.stages.llm import LLMStage, LLMTurn
 from omni2.stages.tts import TTSInput, TTSStage, UnitPieces
 from omni2.stages.vocoder import VocoderInput, VocoderStage
@@ -31,6 +32,7 @@ class ReferencePipeline:
                  dtype=torch.float32, limits: Limits = Limits(), tts_options: TTSOptions = TTSOptions(),
                  vocoder_options: VocoderOptions = VocoderOptions(), baseline: bool = False,
                  cuda_graphs: bool = False):
+        device = check_device(str(device))
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         if baseline:
             tts_options = replace(tts_options, reprefill=True)

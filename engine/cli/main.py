@@ -173,6 +173,15 @@ def _check_context(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-context must be >= {MIN_CONTEXT}, got {args.max_context}")
 
 
+def _check_devices(devices) -> None:
+    """A GPU this torch cannot use is refused before anything loads (importing torch only when one is named)."""
+    if any(d != "cpu" for d in devices):
+        from omni2.stages.device import check_device
+
+        for device in sorted(set(devices)):
+            check_device(device)
+
+
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
     """Counts where 0 or less is a mistake (not "the default"): refused before anything loads or connects."""
     for name in names:
@@ -185,6 +194,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     _check_positive(args, "max_new_tokens", "threads", "hop", "vocoder_left_chunks", "vocoder_batch")  # pre-torch
     _check_context(args)
     vocoder_options(args)
+    _check_devices([args.device])
     from omni2.engine.cli import generate
 
     return generate.main(args)
@@ -269,7 +279,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     # Bad values fail here, at once: before the demo checkpoint is written or a model directory is read.
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
-    Placement.parse(args.placement)
+    _check_devices(Placement.parse(args.placement).devices.values())
     _check_positive(args, "max_new_tokens", "threads", "max_sessions", "max_sessions_per_client", "hop", "send_hwm",
                     "vocoder_left_chunks", "vocoder_batch")
     _check_context(args)

@@ -74,6 +74,7 @@ from omni2.engine.wire.protocol import (
     WorkerReady,
 )
 from omni2.engine.wire.wakeup import Wakeup
+from omni2.stages.device import check_device
 from omni2.stages.flow import state_bytes_bound
 from omni2.stages.tts import FINAL_MAX_UNITS
 
@@ -182,6 +183,8 @@ class Engine:
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> Engine:
         cfg = self.config
+        for device in sorted(set(self.placement.devices.values())):
+            check_device(device)  # a GPU this torch cannot use: one clear error before any worker is spawned
         # An engine killed with -9 (or by the OOM killer) could not clean up, and nobody else knows its names: the
         # next engine to start removes them, never touching those of an engine that still runs.
         try:

@@ -317,3 +317,17 @@ def test_generate_runs_on_the_workers_thread_count_and_restores_the_callers(monk
                      *option]) == 2
     assert capsys.readouterr().err.endswith(PROG + "stop here\n")
     assert seen == [threads] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("verb", ["serve", "generate"])
+def test_a_gpu_this_torch_cannot_use_is_refused_before_anything_loads(guard, monkeypatch, question, tmp_path,
+                                                                       capsys, verb):
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", None)  # what a CPU build says, on any machine
+    argv = {"serve": ["serve", "--placement", "asr=cpu,llm=cuda:1,tts=cpu,vocoder=cpu", *bind()],
+            "generate": ["generate", "--model-dir", "m", "--vocoder-dir", "v", "--wav", question, "--out",
+                         tmp_path / "r.wav", "--device", "cuda:1"]}[verb]
+    err = run(argv, capsys)
+    assert err.startswith(PROG + "device 'cuda:1': this torch ("), err
+    assert not guard.exists() and not (tmp_path / "r.wav").exists()

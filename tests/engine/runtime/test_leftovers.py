@@ -8,9 +8,11 @@ import subprocess
 import time
 
 import pytest
+import torch
 
-from omni2.engine.config import EngineConfig, Limits
+from omni2.engine.config import ConfigError, EngineConfig, Limits
 from omni2.engine.runtime import Engine, EngineError
+from omni2.engine.runtime import engine as engine_module
 from omni2.engine.wire import shm
 
 TAG = "o2sweeptest"  # not the engines' tag: a sweep here never meets a real engine's names, nor theirs this test's
@@ -84,9 +86,20 @@ def test_the_ipc_dir_is_private_and_named_for_the_sweep(tmp_path):
     assert not os.path.exists(path)
 
 
-def test_a_start_that_fails_leaves_nothing(tiny_ckpt, tiny_vocoder):
-    """The ASR worker cannot load (a GPU that is not there): start() fails without the restart budget, stops the
-    other workers, and removes the segments, the sockets and their directory."""
+def test_a_gpu_this_torch_cannot_use_fails_the_start_before_anything_is_made(monkeypatch, tiny_ckpt, tiny_vocoder):
+    monkeypatch.setattr(torch.version, "cuda", None)  # what a CPU build says, on any machine
+    eng = Engine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), placement="asr=cpu,llm=cpu,tts=cuda:1,vocoder=cpu",
+                              limits=Limits(max_sessions=2, max_new_tokens=6), threads=1))
+    with pytest.raises(ConfigError, match="^device 'cuda:1': this torch .* is built without CUDA"):
+        eng.start()
+    assert eng.prefix is None and eng.ipc_dir is None  # no name taken, no worker spawned
+
+
+def test_a_start_that_fails_leaves_nothing(monkeypatch, tiny_ckpt, tiny_vocoder):
+    """The ASR worker cannot load (a GPU that is not there, let past the start's device check): start() fails
+    without the restart budget, stops the other workers, and removes the segments, the sockets and their
+    directory."""
+    monkeypatch.setattr(engine_module, "check_device", lambda device: None)
     eng = Engine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), placement="asr=cuda:99,llm=cpu,tts=cpu,vocoder=cpu",
                               limits=Limits(max_sessions=2, max_new_tokens=6), threads=1))
     before = {p.pid for p in multiprocessing.active_children()}  # another test's engine may still run
