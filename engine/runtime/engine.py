@@ -241,7 +241,11 @@ class Engine:
 
     def stop(self) -> None:
         """End every turn in flight with an error event, stop the workers, release all shared memory."""
-        if self._stopped.is_set() or self.prefix is None:
+        if self.prefix is None:
+            return
+        if self._stopped.is_set():  # stopped already, or a loop that failed is tearing down: wait for the end of it
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(30)
             return
         with self._lock:
             for s in list(self._sessions.values()):
@@ -310,6 +314,12 @@ class Engine:
             s.chunks.append(pcm)
             s.rate = sample_rate
 
+    def discard_input(self, session_id: str) -> None:
+        """Drop the audio appended for the next turn (a reply in flight goes on)."""
+        s = self._get(session_id)
+        with self._lock:
+            s.chunks = []
+
     def commit(self, session_id: str) -> int:
         """End of the user's turn: send it through the pipeline. Returns the turn number."""
         self._check_running()
@@ -335,7 +345,13 @@ class Engine:
             if self._replay:
                 self._held.append(msg)
                 return n
-        self._put_asr(msg)
+        try:
+            self._put_asr(msg)
+        except BaseException:
+            with self._lock:  # not sent: no turn in flight (a stage failed or the engine stops meanwhile)
+                if s.turn is not None and s.turn.number == n:
+                    s.turn = None
+            raise
         return n
 
     def truncate(self, session_id: str, turn: int, tokens: int) -> int:
@@ -387,8 +403,7 @@ class Engine:
             s.chunks = []
             if turn is None:
                 return
-            while not s.events.empty():  # what is queued of that turn is not delivered either
-                s.events.get_nowait()
+            drain(s.events)  # what is queued of that turn is not delivered either
             s.events.put(_CANCELLED)
         self._broadcast(CancelSession(s.key, turn.number))
 
@@ -439,7 +454,8 @@ class Engine:
 
     def _forget(self, s: _Session) -> None:
         with self._lock:
-            self._sessions.pop(s.user_id, None)
+            if self._sessions.get(s.user_id) is s:  # a close and a new open of the same id may have come between
+                del self._sessions[s.user_id]
             self._by_key.pop(s.key, None)
         self._broadcast(CloseSession(s.key))
 
@@ -492,8 +508,12 @@ class Engine:
                     self._on_lost(stage, why)
                 if not self._ready.is_set() and self._sup.all_ready():
                     self._ready.set()
-        except Exception:
+        except Exception as e:
             log.exception("engine loop failed")
+            with self._lock:  # no event of any turn will come: every reader gets its final one now
+                for s in list(self._by_key.values()):
+                    self._fail_turn(s, "stage_failed", f"the engine failed: {type(e).__name__}: {e}",
+                                    broadcast=False)
             raise
         finally:
             self._teardown()
@@ -741,6 +761,15 @@ def _restore_message(s: _Session, stage: str) -> RestoreSession | None:
     return RestoreSession(s.key, turns, [x.counter for x in states], states[-1].rng,
                           [x.speech for x in states] if stage == "llm" else [],
                           [x.answer for x in states] if stage == "llm" else [])
+
+
+def drain(q: queue.Queue) -> None:
+    """Empty q; a reader taking an item at the same time is no error (empty() then get_nowait() would be)."""
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _drop_cancel_marks(q: queue.Queue) -> None:

@@ -172,3 +172,27 @@ def test_shutdown_leaves_no_process_and_no_shared_memory(tiny_ckpt, tiny_vocoder
     assert all(gone(p) for p in pids)
     assert segments(prefix) == []
     assert not os.path.exists(eng.ipc_dir)  # the ipc sockets' directory too
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop re-raises, logged
+def test_a_loop_that_fails_ends_every_turn_in_flight(tiny_ckpt, tiny_vocoder):
+    """The loop thread dies of an exception (a restart whose fork fails, say): every reader still gets its turn's
+    final event, and the engine tears down completely."""
+    eng = Engine(EngineConfig(str(tiny_ckpt), str(tiny_vocoder), limits=LIMITS, threads=1, hang_s=HANG_S)).start()
+    prefix = eng.prefix
+    try:
+        for sid in ("a", "b"):
+            eng.open(sid, session_options(seed=1, greedy=True))
+            eng.submit(sid, AUDIO, 16000)
+
+        def check():
+            raise OSError("fork failed: cannot allocate memory")
+
+        eng._sup.check = check  # the loop's next health check, as restarting a lost worker would
+        for sid in ("a", "b"):
+            last = list(eng.events(sid, timeout=30))[-1]
+            assert isinstance(last, ErrorEvent) and last.code == "stage_failed", last
+            assert "fork failed" in last.message
+    finally:
+        eng.stop()
+    assert not segments(prefix)
