@@ -23,6 +23,7 @@ from omni2.engine.client.core import (
     RemoteError,
     Response,
     audio_chunks,
+    awaited,
     dealer_socket,
     no_answer,
     route,
@@ -127,9 +128,7 @@ class AsyncClient:
             ev = await self.next_event(sid, max(0.0, deadline - time.monotonic()))
             if ev is None:
                 raise ClientTimeout(no_answer(what, self.address, timeout))
-            if isinstance(ev, P.ServerError):
-                raise RemoteError(ev)
-            if isinstance(ev, types):
+            if awaited(ev, types):  # the answer, or its refusal raised; anything else is left behind
                 return ev
 
 

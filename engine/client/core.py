@@ -146,6 +146,24 @@ def curve_client(sock: zmq.Socket, server_key: str, secret_file: str | None) -> 
     sock.curve_publickey, sock.curve_secretkey = public, secret
 
 
+# The request each awaited answer answers: an error refuses that request only if it names it.
+_REQUEST_OF = {P.SessionOpened: P.SessionOpen.TYPE, P.AudioCommitted: P.AudioCommit.TYPE,
+               P.ConversationTruncated: P.ConversationTruncate.TYPE, P.SessionClosed: P.SessionClose.TYPE}
+
+
+def awaited(ev, types: tuple) -> bool:
+    """While a client waits for one of `types`, the answer to the request it just sent: True when `ev` is it;
+    RemoteError when `ev` refuses that request. Anything else is left behind: events and errors of earlier replies
+    (an error with a turn), and refusals of requests sent without waiting — an append (the daemon then refuses the
+    commit that follows it too, naming why) or a cancel that found no reply in flight. Raising on those would
+    hand the next request an answer that is not its own, and leave its real answer for the one after."""
+    if isinstance(ev, P.ServerError):
+        if ev.turn < 0 and (not ev.in_reply_to or ev.in_reply_to in {_REQUEST_OF.get(t) for t in types}):
+            raise RemoteError(ev)
+        return False
+    return isinstance(ev, types)
+
+
 def route(ev, sessions: dict, replies: dict) -> None:
     """Put an incoming event where its reader will look: a session's queue or the reply slot of a nonce."""
     if isinstance(ev, (P.Pong, P.StatusReply)):

@@ -30,6 +30,7 @@ from omni2.engine.client.core import (
     RemoteError,
     Response,
     audio_chunks,
+    awaited,
     dealer_socket,
     no_answer,
     route,
@@ -137,15 +138,14 @@ class Client:
         return q.popleft()
 
     def _wait(self, sid: str, types: tuple, timeout: float, what: str):
-        """Skip to the session's next event of `types`; an error event raises RemoteError."""
+        """Skip to the session's next event of `types`, the answer to the request just sent; its refusal raises
+        RemoteError (core.awaited)."""
         deadline = time.monotonic() + timeout
         while True:
             ev = self.next_event(sid, max(0.0, deadline - time.monotonic()))
             if ev is None:
                 raise ClientTimeout(no_answer(what, self.address, timeout))
-            if isinstance(ev, P.ServerError):
-                raise RemoteError(ev)
-            if isinstance(ev, types):
+            if awaited(ev, types):
                 return ev
 
 

@@ -238,17 +238,27 @@ class FrontDoor:
 
     def _append(self, client: ClientState, m: P.AudioAppend) -> None:
         s = self._session(client, m.session_id)
-        seconds = check_audio(m)
-        if s.pending_seconds + seconds > self.cfg.max_turn_seconds:
-            raise RequestError("too_long", f"the turn would hold {s.pending_seconds + seconds:.1f} s of audio, more "
-                                           f"than {self.cfg.max_turn_seconds:g} s: commit before that")
-        self.engine.append(s.sid, m.audio, m.sample_rate)  # EngineError bad_audio (NaN, unscaled floats, ...)
+        try:
+            seconds = check_audio(m)
+            if s.pending_seconds + seconds > self.cfg.max_turn_seconds:
+                raise RequestError("too_long", f"the turn would hold {s.pending_seconds + seconds:.1f} s of audio, "
+                                               f"more than {self.cfg.max_turn_seconds:g} s: commit before that")
+            self.engine.append(s.sid, m.audio, m.sample_rate)  # EngineError bad_audio (NaN, unscaled floats, ...)
+        except Exception as e:  # RequestError, or the engine's refusal (EngineError, with a code too)
+            # The turn now misses a piece: its commit is refused too, rather than answering what is left of it.
+            s.refused = s.refused or (getattr(e, "code", "internal"), str(e))
+            raise
         s.pending_seconds += seconds
 
     def _commit(self, client: ClientState, m: P.AudioCommit) -> None:
         s = self._session(client, m.session_id)
         if s.turn >= 0:
             raise RequestError("busy", "a reply is in flight: response.cancel it or wait for response.done")
+        if s.refused:
+            (code, why), s.refused, s.pending_seconds = s.refused, None, 0.0
+            self.engine.discard_input(s.sid)
+            raise RequestError(code, f"the turn is dropped whole: one of its audio.append was refused ({why}); "
+                                     f"append it again and commit")
         if s.pending_seconds <= 0:
             raise RequestError("bad_audio", "nothing to commit: send audio.append first")
         seconds, s.pending_seconds = s.pending_seconds, 0.0  # the engine empties its buffer, even when refusing
@@ -332,7 +342,7 @@ class FrontDoor:
     def _end_reply(self, s: SessionState, reason: str) -> None:
         """Cancel the reply in flight and give the client its final event (what it got so far)."""
         self.engine.cancel(s.sid)  # also drops audio appended since the commit (a barge-in starts afresh)
-        s.pending_seconds = 0.0
+        s.pending_seconds, s.refused = 0.0, None
         s.epoch += 1  # after cancel returns no event of that reply is produced; queued ones are now stale
         turn, s.turn = s.turn, -1
         self._send(s.client, P.ResponseDone(s.name, turn, "".join(s.text), s.token_ids, s.units, reason, {}))

@@ -55,6 +55,7 @@ class SessionState:
     turn: int = -1  # the reply in flight, or -1
     epoch: int = 0  # bumped on cancel: events queued before it are stale
     pending_seconds: float = 0.0  # user audio buffered for the next commit
+    refused: tuple[str, str] | None = None  # (code, message) of a refused append of that turn: its commit fails
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     units: list[int] = field(default_factory=list)

@@ -143,10 +143,10 @@ def test_cancel_mid_reply_then_the_session_goes_on(daemon):
         done = evs[-1]
         assert isinstance(done, P.ResponseDone) and done.finish_reason == "cancelled"
         assert 0 < len(done.token_ids) <= 12 and len(done.units) < 1000
-        with pytest.raises(RemoteError) as e:  # nothing to cancel any more
-            s.cancel()
-            s.client._wait(s.id, (P.ResponseDone,), 5, "error")
-        assert e.value.code == "no_response"
+        s.cancel()  # nothing to cancel any more
+        err = s.client.next_event(s.id, 5)
+        assert isinstance(err, P.ServerError) and (err.code, err.in_reply_to, err.turn) == (
+            "no_response", "response.cancel", -1), err
         r = s.reply(Q2, 16000)  # the next turn works
         assert r.finish_reason == "length" or r.finish_reason == "stop"
         s.close()
@@ -203,6 +203,22 @@ def test_requests_of_a_client_are_checked(daemon):
         assert e.value.code == "too_long"
         for s in sessions:
             s.close()
+
+
+def test_a_refusal_answers_its_own_request_and_no_later_one(daemon):
+    """A cancel with nothing in flight and an append past the turn's 30 s are refused without the client waiting;
+    the over-long turn's commit is refused too (not answered with what was left of it), and the session's next
+    turn gets its own answer: no refusal or reply is left behind for a later request to take as its own."""
+    with daemon.client() as c:
+        s = c.open(greedy=True, max_new_tokens=4)
+        s.cancel()  # no_response, unread
+        with pytest.raises(RemoteError) as e:
+            s.send(np.zeros((31 * 8000,), np.float32), 8000)
+        assert e.value.code == "too_long" and "the turn is dropped whole" in e.value.message, e.value
+        assert e.value.event.in_reply_to == "audio.commit"
+        r = s.reply(Q1, 16000)
+        assert r.turn == 0 and r.finish_reason in ("stop", "length") and r.units
+        s.close()
 
 
 def test_a_port_in_use_fails_fast(daemon, tiny_ckpt, tiny_vocoder):
