@@ -51,6 +51,7 @@ BETA_NAMES = {
     "response.output_text.delta": "response.text.delta", "response.output_text.done": "response.text.done",
 }
 MIN_RATE, MAX_RATE = 8000, 48000
+MAX_PENDING_TURNS = 8  # committed user turns waiting for an answer (each up to 30 s of audio)
 
 
 def new_id(prefix: str) -> str:
@@ -166,6 +167,10 @@ class Heard:
     audio_ms: int
 
 
+class SessionLost(Exception):
+    """The connection has no engine session any more: it is closed (code 1011)."""
+
+
 class EventError(Exception):
     """A client event we refuse: becomes an `error` event; the connection goes on."""
 
@@ -196,7 +201,7 @@ class Connection:
         self.to_vad = None  # input_rate -> 16 kHz, streaming
         self.speech_start_ms: int | None = None
         self.pending_item = ""  # the item id speech_started announced
-        self.committed: list[tuple[str, np.ndarray]] = []  # (item id, PCM16) committed, not yet answered
+        self.committed: list[tuple[str, np.ndarray, int]] = []  # (item id, PCM16, rate) not yet answered
         self.last_item: str | None = None
         self.response: Reply | None = None
         self.answered: dict[str, Heard] = {}  # assistant items of finished replies: what a truncate may cut
@@ -210,6 +215,7 @@ class Connection:
         except ClientError as e:
             await self.error("engine_unavailable" if not isinstance(e, RemoteError) else e.code, str(e),
                              kind="server_error")
+            await self._close_engine_session()  # the client's socket and reader task
             await self.ws.close(1011, "no engine session")
             return
         log.info("realtime: %s connected (%s)", self.session_id, self.ws.remote_address)
@@ -283,7 +289,7 @@ class Connection:
                 raise EventError("invalid_event", "binary messages are not events: send JSON text")
             try:
                 event = json.loads(message)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
                 raise EventError("invalid_json", f"the message is not JSON: {e}") from None
             if not isinstance(event, dict) or not isinstance(event.get("type"), str):
                 raise EventError("invalid_event", "an event is a JSON object with a string 'type'", "type")
@@ -299,6 +305,10 @@ class Connection:
             await self.error(e.code, e.message, kind="server_error", event_id=event_id)
         except ClientError as e:
             await self.error("engine_unavailable", str(e), kind="server_error", event_id=event_id)
+        except SessionLost as e:
+            self.session = None
+            await self.error("engine_unavailable", str(e), kind="server_error", event_id=event_id)
+            await self.ws.close(1011, "no engine session")
 
     async def session_update(self, event: dict) -> None:
         s = event.get("session")
@@ -331,7 +341,8 @@ class Connection:
         modalities = s.get("output_modalities", s.get("modalities"))
         text_only = self.text_only
         if modalities is not None:
-            if not isinstance(modalities, list) or not set(modalities) <= {"audio", "text"} or not modalities:
+            if (not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities)
+                    or not set(modalities) <= {"audio", "text"}):
                 raise EventError("invalid_value", "output_modalities must be ['audio'] or ['text']",
                                  "output_modalities")
             text_only = "audio" not in modalities
@@ -344,17 +355,11 @@ class Connection:
             raise EventError("invalid_value", "the input rate can change only while the input buffer is empty",
                              "audio.input.format")
         if voice != self.voice:  # the engine is the one to know the voice: an unknown one leaves the old in place
-            await self.session.close(timeout=10.0)
-            try:
-                self.session = await self.client.open(self.session_id, voice=voice)
-            except RemoteError:
-                self.session = await self.client.open(self.session_id, voice=self.voice)
-                raise
-            self.voice = voice
+            await self.reopen(voice)
         if s.get("instructions"):
             log.warning("realtime: %s: instructions are ignored (LLaMA-Omni2 has no system prompt)",
                         self.session_id)
-        restart = detection is not self.vad or rate != self.input_rate
+        restart = detection != self.vad or rate != self.input_rate  # the same settings again: a turn goes on
         # The buffer is empty here if the rate changes: only where the stream stands moves to the new rate.
         self.buffer_start = self.buffer_start * rate // self.input_rate
         self.input_rate, self.text_only, self.vad = rate, text_only, detection
@@ -389,6 +394,26 @@ class Connection:
         if self.detector is not None:
             await self.detect(pcm)
 
+    async def reopen(self, voice: str) -> None:
+        """The engine session again, with another voice; an unknown voice reopens the old one and raises. A
+        connection left without an engine session is of no use: it is closed (SessionLost)."""
+        try:
+            await self.session.close(timeout=10.0)
+        except ClientError as e:
+            raise SessionLost(f"the engine session could not be closed to change its voice: {e}") from None
+        try:
+            self.session = await self.client.open(self.session_id, voice=voice)
+        except RemoteError as refused:
+            try:
+                self.session = await self.client.open(self.session_id, voice=self.voice)
+            except ClientError as e:
+                raise SessionLost(f"voice {voice!r} was refused ({refused}) and the engine session could not be "
+                                  f"reopened: {e}") from None
+            raise
+        except ClientError as e:
+            raise SessionLost(f"the engine session could not be reopened: {e}") from None
+        self.voice = voice
+
     def restart_detection(self) -> None:
         """A fresh turn detector (and resampler) from where the input stream stands, so that the positions it
         reports stay those of the stream, as commit_span reads them."""
@@ -406,7 +431,7 @@ class Connection:
                 self.pending_item = item
                 await self.emit({"type": "input_audio_buffer.speech_started", "audio_start_ms": ev.ms,
                                  "item_id": item})
-                if self.response is not None:  # barge-in: the user talks over the reply
+                if self.response is not None and self.vad.interrupt_response:  # barge-in: talk over the reply
                     await self.response.cancel("turn_detected")
             else:
                 await self.speech_stopped(ev.ms)
@@ -422,11 +447,13 @@ class Connection:
 
     async def speech_stopped(self, end_ms: int) -> None:
         """The turn that speech_started opened ends at end_ms: announce it, commit its span, answer it."""
+        start_ms = self.speech_start_ms
         await self.emit({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": end_ms,
                          "item_id": self.pending_item})
-        await self.commit_span(self.speech_start_ms, end_ms, self.pending_item)
         self.speech_start_ms = None
-        await self.answer()
+        await self.commit_span(start_ms, end_ms, self.pending_item)
+        if self.vad.create_response:
+            await self.answer()
 
     def drop_before(self, sample: int) -> None:
         """Forget buffered audio before input-stream position `sample`."""
@@ -440,10 +467,15 @@ class Connection:
 
     async def commit_span(self, start_ms: int, end_ms: int, item: str) -> None:
         """Commit input-stream audio [start_ms, end_ms) as a user turn; what follows stays in the buffer."""
+        if len(self.committed) >= MAX_PENDING_TURNS:
+            self.drop_before(self.buffer_start + self.buffered)
+            raise EventError("too_many_pending_turns", f"{len(self.committed)} committed turns wait for an answer: "
+                             f"response.create before committing more (this turn's audio is dropped)")
         pcm = np.concatenate(self.buffer) if self.buffer else np.zeros(0, np.int16)
         a = max(0, start_ms * self.input_rate // 1000 - self.buffer_start)
         b = min(pcm.size, end_ms * self.input_rate // 1000 - self.buffer_start)
-        self.committed.append((item, pcm[a:b].copy()))
+        b = min(b, a + int(self.server.max_turn_seconds * self.input_rate))  # what follows stays for the next turn
+        self.committed.append((item, pcm[a:b].copy(), self.input_rate))
         self.drop_before(self.buffer_start + b)
         await self.emit({"type": "input_audio_buffer.committed", "previous_item_id": self.last_item,
                          "item_id": item})
@@ -458,7 +490,8 @@ class Connection:
         await self.commit_span(start_ms, end_ms, item)
         if self.detector is not None:  # the client decided this turn's end itself
             self.restart_detection()
-            await self.answer()
+            if self.vad.create_response:
+                await self.answer()
 
     async def clear(self, event: dict) -> None:
         self.drop_before(self.buffer_start + self.buffered)
@@ -480,6 +513,11 @@ class Connection:
         await self.response.cancel("client_cancelled")
 
     async def truncate(self, event: dict) -> None:
+        if self.replies is not None and not self.replies.done():
+            # Its answer would be read from the queue the reply reads (and the engine builds the prompt of a turn
+            # in flight already): what the user heard is settled between responses.
+            raise EventError("conversation_already_has_active_response", "truncate after response.done (or "
+                             "response.cancel): a response is in progress")
         item = event.get("item_id")
         heard = self.answered.get(item) if isinstance(item, str) else None
         if heard is None:
@@ -506,13 +544,16 @@ class Connection:
 
     async def _answer_all(self) -> None:
         while self.committed:
-            item, pcm = self.committed.pop(0)
+            item, pcm, rate = self.committed.pop(0)
             self.response = Reply(self, item)
             try:
-                await self.response.run(pcm)
+                await self.response.run(pcm, rate)
             except ClientError as e:
                 code = e.code if isinstance(e, RemoteError) else "engine_unavailable"
                 await self.response.fail(code, str(e))
+            except Exception as e:  # a bug: this response fails, the connection goes on
+                log.exception("realtime: %s: response failed", self.session_id)
+                await self.response.fail("internal", f"{type(e).__name__}: {e}")
             finally:
                 self.response = None
 
@@ -557,41 +598,48 @@ class Reply:
     def __init__(self, conn: Connection, user_item: str):
         self.conn, self.user_item = conn, user_item
         self.id, self.item = new_id("resp"), new_id("item")
+        self.text_only = conn.text_only  # a session.update while it streams applies from the next response
         self.text: list[str] = []
         self.samples = 0
         self.cancel_reason: str | None = None
+        self.cancel_sent = False
         self.turn = -1
         self.resample = None
 
     def base(self) -> dict:
         return {"response_id": self.id, "item_id": self.item, "output_index": 0, "content_index": 0}
 
+    def content(self, text: str) -> list[dict]:
+        """The assistant item's content (a part in an item is output_text / output_audio; in the content_part
+        events it is text / audio)."""
+        return [{"type": "output_text", "text": text} if self.text_only else
+                {"type": "output_audio", "transcript": text}]
+
     def describe(self, status: str, details=None, usage=None, metadata=None) -> dict:
-        content = [{"type": "output_text" if self.conn.text_only else "output_audio",
-                    ("text" if self.conn.text_only else "transcript"): "".join(self.text)}]
+        content = self.content("".join(self.text))
         return {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
                 "output": [{"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
                             "status": "completed" if status == "completed" else "incomplete",
                             "content": content}] if status != "in_progress" else [],
                 "conversation_id": self.conn.session_id,
-                "output_modalities": ["text"] if self.conn.text_only else ["audio"],
+                "output_modalities": ["text"] if self.text_only else ["audio"],
                 "audio": {"output": {"format": {"type": "audio/pcm", "rate": self.conn.out_rate},
                                      "voice": self.conn.voice}},
                 "usage": usage, "metadata": metadata}
 
-    async def run(self, pcm: np.ndarray) -> None:
+    async def run(self, pcm: np.ndarray, rate: int) -> None:
         c = self.conn
         await c.emit({"type": "response.created", "response": self.describe("in_progress")})
-        await c.session.append(pcm, c.input_rate)
+        await c.session.append(pcm, rate)
         self.turn = await c.session.commit()
         t_commit = time.perf_counter()
         await c.emit({"type": "response.output_item.added", "response_id": self.id, "output_index": 0,
                       "item": {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
                                "status": "in_progress", "content": []}})
-        part = {"type": "text", "text": ""} if c.text_only else {"type": "audio", "transcript": ""}
+        part = {"type": "text", "text": ""} if self.text_only else {"type": "audio", "transcript": ""}
         await c.emit({"type": "response.content_part.added", **self.base(), "part": part})
         if self.cancel_reason is not None:  # cancelled while the audio was being sent
-            await c.session.cancel()
+            await self.send_cancel()
         first_audio = None
         while True:
             ev = await c.client.next_event(c.session.id, 300.0)
@@ -603,9 +651,9 @@ class Reply:
                 raise RemoteError(ev)
             if isinstance(ev, P.ResponseTextDelta) and ev.text:
                 self.text.append(ev.text)
-                kind = "response.output_text.delta" if c.text_only else "response.output_audio_transcript.delta"
+                kind = "response.output_text.delta" if self.text_only else "response.output_audio_transcript.delta"
                 await c.emit({"type": kind, **self.base(), "delta": ev.text})
-            elif isinstance(ev, P.ResponseAudioDelta) and ev.audio.size and not c.text_only:
+            elif isinstance(ev, P.ResponseAudioDelta) and ev.audio.size and not self.text_only:
                 if first_audio is None:
                     first_audio = time.perf_counter() - t_commit
                 await c.emit({"type": "response.output_audio.delta", **self.base(),
@@ -627,12 +675,12 @@ class Reply:
 
     async def finish(self, done: P.ResponseDone, first_audio: float | None) -> None:
         c, text = self.conn, "".join(self.text)
-        if c.text_only:
+        if self.text_only:
             await c.emit({"type": "response.output_text.done", **self.base(), "text": text})
         else:
             await c.emit({"type": "response.output_audio.done", **self.base()})
             await c.emit({"type": "response.output_audio_transcript.done", **self.base(), "transcript": text})
-        part = {"type": "text", "text": text} if c.text_only else {"type": "audio", "transcript": text}
+        part = {"type": "text", "text": text} if self.text_only else {"type": "audio", "transcript": text}
         await c.emit({"type": "response.content_part.done", **self.base(), "part": part})
         if done.finish_reason == "cancelled":
             status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason or "client_cancelled"}
@@ -648,7 +696,7 @@ class Reply:
                                           self.samples * 1000 // c.out_rate)
         await c.emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0,
                       "item": {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
-                               "status": item_status, "content": [part]}})
+                               "status": item_status, "content": self.content(text)}})
         usage = {"total_tokens": len(done.token_ids), "input_tokens": 0, "output_tokens": len(done.token_ids),
                  "output_token_details": {"text_tokens": len(done.token_ids), "audio_tokens": len(done.units)}}
         # The API's metadata is a map of up to 16 strings: our per-stage timings (seconds after commit) and more.
@@ -670,4 +718,10 @@ class Reply:
         if self.cancel_reason is None:
             self.cancel_reason = reason
             if self.turn >= 0:
-                await self.conn.session.cancel()
+                await self.send_cancel()
+
+    async def send_cancel(self) -> None:
+        """Once: a second response.cancel would find no reply in flight (no_response)."""
+        if not self.cancel_sent:
+            self.cancel_sent = True
+            await self.conn.session.cancel()

@@ -62,6 +62,8 @@ class VADSettings:
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 500
+    create_response: bool = True  # answer a turn when its speech stops (else wait for response.create)
+    interrupt_response: bool = True  # speech over a response cancels it (barge-in)
 
     @classmethod
     def from_json(cls, d: dict) -> VADSettings:
@@ -75,12 +77,17 @@ class VADSettings:
             v = getattr(s, name)
             if not (isinstance(v, int) and 0 <= v <= 10_000):
                 raise ValueError(f"turn_detection.{name} must be an integer number of ms in [0, 10000]")
+        for name in ("create_response", "interrupt_response"):
+            if d.get(name) is not None:
+                if not isinstance(d[name], bool):
+                    raise ValueError(f"turn_detection.{name} must be true or false")
+                setattr(s, name, d[name])
         return s
 
     def to_json(self) -> dict:
         return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
-                "silence_duration_ms": self.silence_duration_ms, "create_response": True,
-                "interrupt_response": True}
+                "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
+                "interrupt_response": self.interrupt_response}
 
 
 @dataclass

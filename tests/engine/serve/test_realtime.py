@@ -162,6 +162,54 @@ def test_turns_keep_the_streams_clock_across_a_clear_and_a_new_rate(daemon):
     assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)
 
 
+def test_a_turn_keeps_its_rate_and_waits_for_response_create_when_asked(daemon):
+    """Turn detection on with create_response false: a turn whose speech stops is committed, not answered, until
+    response.create (which then starts it: no response was begun already). The committed audio keeps the rate it
+    was sent at though the input rate changes before it is answered; the reply equals the engine's for that audio,
+    and its item's content is an output_audio part. A truncate while the response streams is refused."""
+    question = wav("question.wav")
+    silence = np.zeros(RATE // 2, np.int16)
+    pcm = np.concatenate([silence, question, silence, silence])
+
+    async def talk():
+        events = []
+        async with sdk(daemon) as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": {
+                "type": "server_vad", "create_response": False}}}})
+            updated = await until(conn, "session.updated")
+            await append(conn, pcm)
+            started = await until(conn, "input_audio_buffer.speech_started")
+            stopped = await until(conn, "input_audio_buffer.speech_stopped")
+            await until(conn, "input_audio_buffer.committed")
+            await conn.input_audio_buffer.clear()  # what followed the turn: a new rate needs an empty buffer
+            await until(conn, "input_audio_buffer.cleared")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {
+                "format": {"type": "audio/pcm", "rate": 16000}}}})
+            await until(conn, "session.updated")
+            await conn.response.create()
+            await until(conn, "response.created")
+            await conn.conversation.item.truncate(item_id="item_x", content_index=0, audio_end_ms=0)
+            refused = await until(conn, "error", log=events)
+            done = await until(conn, "response.done", log=events)
+        return updated, started, stopped, refused, done, events
+
+    updated, started, stopped, refused, done, events = asyncio.run(talk())
+    assert updated.session.audio.input.turn_detection.create_response is False
+    assert refused.error.code == "conversation_already_has_active_response"
+    item = next(e for e in events if e.type == "response.output_item.done").item
+    assert item.content[0].type == "output_audio"
+    text, audio = reply_of(events)
+    assert item.content[0].transcript == text
+    span = pcm[started.audio_start_ms * RATE // 1000: stopped.audio_end_ms * RATE // 1000]
+    with daemon.client() as c:
+        s = c.open()
+        ref = s.reply(span, RATE)
+        s.close()
+    assert text and ref.text == text
+    assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)
+
+
 def beta_sdk(daemon):
     """The SDK's beta namespace (`OpenAI-Beta: realtime=v1`): beta event names and session fields."""
     client = openai.AsyncOpenAI(api_key=TOKEN, base_url=f"http://127.0.0.1:{daemon.realtime_port}/v1",
@@ -293,9 +341,25 @@ def test_malformed_messages_get_error_events_and_the_connection_keeps_working(da
             empty = json.loads(await ws.recv())
             await ws.send(json.dumps({"type": "session.update", "session": {"voice": "default"}}))
             alive = json.loads(await ws.recv())
-            return errors, codes, seen, big, empty, alive
+            odd = []  # shapes that once escaped the handlers (TypeError, RecursionError) and closed the connection
+            for msg in (json.dumps({"type": "session.update", "session": {"output_modalities": [["audio"]]}}),
+                        json.dumps({"type": "session.update", "session": {"output_modalities": [{}]}}),
+                        "[" * 100_000):
+                await ws.send(msg)
+                odd.append(json.loads(await ws.recv())["error"]["code"])
+            # Committed turns that wait for response.create are bounded (each may hold 30 s of audio).
+            for _ in range(8):
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(np.ones(240, np.int16))}))
+                await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                assert json.loads(await ws.recv())["type"] == "input_audio_buffer.committed"
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(np.ones(240, np.int16))}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            full = json.loads(await ws.recv())
+            return errors, codes, seen, big, empty, alive, odd, full
 
-    errors, codes, seen, big, empty, alive = asyncio.run(fuzz())
+    errors, codes, seen, big, empty, alive, odd, full = asyncio.run(fuzz())
+    assert odd == ["invalid_value", "invalid_value", "invalid_json"]
+    assert full["error"]["code"] == "too_many_pending_turns"
     assert errors >= 1500 and codes == errors
     assert {"invalid_json", "invalid_event", "unknown_event_type", "invalid_value"} <= seen, seen
     assert big["error"]["code"] == "input_audio_buffer_append_too_large"
