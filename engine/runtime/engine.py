@@ -217,7 +217,8 @@ class Engine:
                                      cfg.dtype, cfg.limits, cfg.tts_options, cfg.vocoder_options, ctl_addr,
                                      self._specs, self.prefix, self.ipc_dir, os.getpid(), cfg.heartbeat_s,
                                      cfg.asr_batch, threads, cfg.cuda_graphs) for s in STAGES}
-            self._sup = Supervisor(workers, hang_s=cfg.hang_s, step_timeout_s=cfg.step_timeout_s)
+            self._sup = Supervisor(workers, hang_s=cfg.hang_s, step_timeout_s=cfg.step_timeout_s,
+                                   ready_timeout_s=cfg.start_timeout_s)
             log.info("starting %d stage workers (%s, %s, %d torch threads each)", len(STAGES), cfg.placement,
                      cfg.dtype, threads)
             for s in STAGES:
@@ -559,7 +560,9 @@ class Engine:
         elif isinstance(msg, SessionAck):
             with self._lock:
                 ack = self._acks.get(msg.session_id)
-                if ack is not None:
+                # A stage that answered already may answer again: a replacement worker was sent the open a second
+                # time when it came up (_reopen), and refuses it as a session it holds. The first answer counts.
+                if ack is not None and msg.stage in ack.left:
                     if msg.error:
                         ack.errors.append(f"{msg.stage}: {msg.error}")
                     ack.left.discard(msg.stage)

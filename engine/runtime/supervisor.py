@@ -145,7 +145,7 @@ class WorkerState:
 
 class Supervisor:
     def __init__(self, specs: dict[str, WorkerSpec], *, hang_s: float = 1.0, step_timeout_s: float = 120.0,
-                 max_restarts: int = 5, restart_window_s: float = 60.0):
+                 max_restarts: int = 5, restart_window_s: float = 60.0, ready_timeout_s: float = 600.0):
         beat_s = max(spec.heartbeat_s for spec in specs.values())
         if hang_s < 2 * beat_s:  # an idle worker moves once per heartbeat: Liveness looks for hang_s / 2
             raise ConfigError(f"the hang timeout ({hang_s:g} s) must be at least twice the heartbeat period "
@@ -153,7 +153,7 @@ class Supervisor:
         self.mp = multiprocessing.get_context("spawn")  # no fork: torch, CUDA and zmq threads do not survive it
         self.workers = {s: WorkerState(spec, Liveness(s, hang_s, step_timeout_s))
                         for s, spec in specs.items()}
-        self.hang_s, self.step_timeout_s = hang_s, step_timeout_s
+        self.hang_s, self.step_timeout_s, self.ready_timeout_s = hang_s, step_timeout_s, ready_timeout_s
         self.max_restarts, self.restart_window_s = max_restarts, restart_window_s
 
     def spawn(self, stage: str) -> None:
@@ -193,9 +193,13 @@ class Supervisor:
                 continue
             why = ""
             if not w.process.is_alive():
-                code = w.process.exitcode
-                why = f"exited with {'signal ' + signal.Signals(-code).name if code and code < 0 else code}"
-            elif w.ready:
+                why = f"exited with {exit_status(w.process.exitcode)}"
+            elif not w.ready:
+                # A first start has the engine's own deadline; a replacement that never comes up would hold every
+                # new turn (they wait for it) forever.
+                if w.restarts and now - w.started > self.ready_timeout_s:
+                    why = f"its replacement was not ready {self.ready_timeout_s:.0f} s after it started"
+            else:
                 silent = now - w.last_beat
                 # The step clock keeps running while the beats that report it are late.
                 step_s = w.beat.step_s + silent if w.beat is not None and w.beat.busy else 0.0
@@ -269,6 +273,16 @@ class Supervisor:
         w.process, w.ready = None, False
         for edge in outputs_of(w.spec.stage):  # the segments and ipc files it owned as a producer
             shm.sweep(f"{w.spec.prefix}{edge}.", w.spec.ipc_dir)
+
+
+def exit_status(code: int | None) -> str:
+    """A process's exit code as words: 1, or signal SIGKILL (a real-time signal has no name: signal 40)."""
+    if code is None or code >= 0:
+        return str(code)
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 @contextlib.contextmanager
