@@ -273,11 +273,13 @@ class Worker:
                 ready = dict(poller.poll(max(1, int((next_beat - time.monotonic()) * 1000))))
                 if self._wake.fd in ready:
                     self._wake.drain()
-                if self.consumer.socket in ready:
-                    self._recv_data()
+                # Control first: the engine sends a session's open before its data (a replacement worker gets
+                # the open of every session, then the turns held for it), and the inbox keeps this order.
                 if ctl in ready:
                     while ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         self._recv_control(ctl.recv_multipart(zmq.NOBLOCK))
+                if self.consumer.socket in ready:
+                    self._recv_data()
                 for msg in _drain(self.outbox):
                     ctl.send_multipart(protocol.encode(msg))
         except ring.RingClosed:
