@@ -210,6 +210,7 @@ class LlmRunner(Runner):
 
     def _close(self, sid):
         self.llm.close(sid)
+        self.asr_t.pop(sid, None)
 
     def _restore(self, m):
         self.llm.restore(m.session_id, m.turns, m.speech, m.answers, m.counters)

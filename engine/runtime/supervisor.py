@@ -135,12 +135,15 @@ class WorkerState:
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=32))
     failed: str = ""  # why the stage gave up (restart budget spent, or it died while the engine started)
 
+    # Read by user threads (status) while the loop thread replaces `process`: one read of it each.
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+        p = self.process
+        return p.pid if p is not None else None
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        p = self.process
+        return p is not None and p.is_alive()
 
 
 class Supervisor:
