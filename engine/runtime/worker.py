@@ -62,7 +62,7 @@ class Arrived:
     """Inbox item: a data message from the input ring and the slot its tensors live in (released after use)."""
 
     msg: object
-    slot: int | None
+    slot: ring.Held | None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from omni2.engine.wire.protocol import SlotCredit, SlotRef
 log = logging.getLogger(__name__)
 
 ALIGN = 64  # each tensor starts on a cache line inside its slot
+Held = tuple[int, int]  # what a consumer hands back to release a message: (slot, the producer's generation)
 _IPC_MAX = 6 + 107  # "ipc://" + sun_path (108 bytes on Linux, with its NUL)
 
 
@@ -363,7 +364,9 @@ class Consumer(_Endpoint):
         super().__init__(spec.edge, ctx)
         self.spec = spec
         self._inline = not spec.shm_prefix
-        self._held: dict[int, int] = {}  # slot -> generation it arrived with
+        # (slot, generation) of each message received and not yet released: a restarted producer numbers its
+        # slots afresh under a new generation while messages of the old one may still be held.
+        self._held: set[Held] = set()
         self._high = self._messages = 0
         self._segment = ""
         self._view: memoryview | None = None
@@ -379,9 +382,9 @@ class Consumer(_Endpoint):
         """The doorbell, for a caller's own zmq.Poller across several rings; then recv(timeout=0)."""
         return self._data
 
-    def recv(self, timeout: float | None = None, copy: bool = False) -> tuple[object, int | None]:
-        """The next message and the slot its tensors live in (None = no slot). The tensors are views into the
-        slot: copy what you keep, then release(slot). copy=True copies first and releases at once.
+    def recv(self, timeout: float | None = None, copy: bool = False) -> tuple[object, Held | None]:
+        """The next message and the slot its tensors live in (None = no slot), as a handle for release. The tensors
+        are views into the slot: copy what you keep, then release(slot). copy=True copies first and releases at once.
         Malformed input raises ProtocolError (its slot, if any, already released)."""
         with self._lock:
             deadline = _deadline(timeout)
@@ -395,7 +398,7 @@ class Consumer(_Endpoint):
             self._messages += 1
             return msg, slot
 
-    def release(self, slot: int | None) -> None:
+    def release(self, slot: Held | None) -> None:
         """Give `slot` back to the producer. Its tensors must no longer be used: the producer will overwrite it."""
         if slot is None:
             return
@@ -407,11 +410,12 @@ class Consumer(_Endpoint):
         return RingStats(self.edge, self.spec.n_slots, self.spec.slot_bytes, len(self._held), self._high,
                          self._messages)
 
-    def _release(self, slot: int) -> None:
+    def _release(self, held: Held) -> None:
         self._check_open()
-        gen = self._held.pop(slot, None)
-        if gen is None:
-            raise RingError(f"ring {self.edge!r}: slot {slot} is not held (released twice?)")
+        if held not in self._held:
+            raise RingError(f"ring {self.edge!r}: slot {held[0]} is not held (released twice?)")
+        self._held.remove(held)
+        slot, gen = held
         try:
             self._credit.send_multipart(protocol.encode(SlotCredit(gen, slot)), zmq.NOBLOCK)
         except zmq.Again:  # the producer is gone or wedged; the supervisor reclaims on restart
@@ -425,8 +429,9 @@ class Consumer(_Endpoint):
         if slot != -1:
             if not 0 <= slot < self.spec.n_slots:
                 raise ProtocolError(f"ring {self.edge!r}: slot {slot} is not in [0, {self.spec.n_slots})")
+            held = (slot, ref.gen)
             with self._credit_lock:  # held before decoding, so a bad message still returns its credit
-                self._held[slot] = ref.gen
+                self._held.add(held)
                 self._high = max(self._high, len(self._held))
         try:
             if ref.segment:
@@ -443,13 +448,13 @@ class Consumer(_Endpoint):
         except ProtocolError:
             if slot != -1:
                 with self._credit_lock:
-                    self._release(slot)
+                    self._release(held)
             raise
         if copy and slot != -1:
             with self._credit_lock:
-                self._release(slot)
+                self._release(held)
             slot = -1
-        return msg, (None if slot == -1 else slot)
+        return msg, (None if slot == -1 else held)
 
     def _slot_views(self, ref: SlotRef) -> list[memoryview]:
         n, size = self.spec.n_slots, self.spec.slot_bytes

@@ -215,6 +215,32 @@ def test_stalled_consumer_blocks_producer_then_nothing_lost(env):
         assert st.high_water == n_slots and st.waits >= 2 and st.wait_s >= 0.29  # step 1 waited 0.3 s
 
 
+def test_a_slot_reused_under_a_new_generation_is_released_apart(env):
+    """The producer reclaims its slots (its consumer was replaced) while this consumer still holds a message in
+    slot 0, and the next message lands in slot 0 under the new generation. Releasing the old message must not hand
+    slot 0 back under the new one: the producer would overwrite a message still in use."""
+    prefix, ipc_dir = env
+    with ring.Producer("gen", prefix, n_slots=1, slot_bytes=8192, ipc_dir=ipc_dir) as prod, \
+            ring.Consumer(prod.spec) as cons:
+        prod.put(step_msg(1), timeout=T)
+        _, old = cons.recv(timeout=T)
+        prod.reclaim()
+        prod.put(step_msg(2), timeout=T)
+        new_msg, new = cons.recv(timeout=T)
+        assert old[0] == new[0] == 0 and old != new
+        cons.release(old)  # a credit of the old generation: ignored
+        with pytest.raises(ring.RingTimeout, match="1/1 in use"):
+            prod.put(step_msg(3), timeout=0.3)
+        assert same(new_msg, step_msg(2))  # not overwritten
+        cons.release(new)
+        prod.put(step_msg(3), timeout=T)
+        msg, slot = cons.recv(timeout=T)
+        assert same(msg, step_msg(3))
+        cons.release(slot)
+        with pytest.raises(ring.RingError, match="not held"):
+            cons.release(slot)
+
+
 def test_payload_larger_than_slot_is_an_error(env):
     prefix, ipc_dir = env
     with ring.Producer("voc-server", prefix, n_slots=2, slot_bytes=1000, ipc_dir=ipc_dir) as prod, \
