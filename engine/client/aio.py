@@ -5,6 +5,7 @@ coroutines can drive the sessions of one connection.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import time
@@ -23,11 +24,13 @@ from omni2.engine.client.core import (
     RemoteError,
     Response,
     audio_chunks,
-    awaited,
+    check_session_id,
     dealer_socket,
     no_answer,
+    request_of,
     route,
     session_open_message,
+    settle,
     unsendable,
 )
 from omni2.engine.wire import protocol as P
@@ -46,6 +49,7 @@ class AsyncClient:
         self._ctx = zmq.asyncio.Context.instance()
         self._sock = dealer_socket(self._ctx, address, curve_server_key, curve_secret_file)
         self._queues: dict[str, _AQueue] = {}
+        self._owed: dict[str, collections.Counter] = {}  # per session: answers due to waits that timed out
         self._replies = _AReplies()
         self._nonce = itertools.count()
         self._reader: asyncio.Task | None = None
@@ -104,17 +108,26 @@ class AsyncClient:
             self._replies.forget(msg.nonce)
 
     async def open(self, session_id: str | None = None, **options) -> AsyncSession:
-        sid = session_id or uuid.uuid4().hex[:16]
+        sid = check_session_id(session_id or uuid.uuid4().hex[:16])
         if sid in self._queues:
             raise ClientError(f"session {sid!r} is already open on this client")
-        self._queues[sid] = _AQueue()
-        await self.send(session_open_message(sid, token=self.token, **options))
+        self._queues[sid], self._owed[sid] = _AQueue(), collections.Counter()
         try:
+            await self.send(session_open_message(sid, token=self.token, **options))
             ev = await self._wait(sid, (P.SessionOpened,), self.timeout, "session.opened")
-        except ClientError:
-            self._queues.pop(sid, None)
+        except ClientError as e:
+            self._forget(sid)
+            if isinstance(e, ClientTimeout):  # it may open later: have it closed then, not held for nobody
+                try:
+                    await self.send(P.SessionClose(sid))
+                except ClientError:
+                    pass
             raise
         return AsyncSession(self, sid, ev)
+
+    def _forget(self, sid: str) -> None:
+        self._queues.pop(sid, None)
+        self._owed.pop(sid, None)
 
     async def next_event(self, sid: str, timeout: float):
         try:
@@ -124,11 +137,13 @@ class AsyncClient:
 
     async def _wait(self, sid: str, types: tuple, timeout: float, what: str):
         deadline = time.monotonic() + timeout
+        owed = self._owed[sid]
         while True:
             ev = await self.next_event(sid, max(0.0, deadline - time.monotonic()))
             if ev is None:
+                owed[request_of(types)] += 1  # its answer may still come: it is not the next request's
                 raise ClientTimeout(no_answer(what, self.address, timeout))
-            if awaited(ev, types):  # the answer, or its refusal raised; anything else is left behind
+            if settle(ev, types, owed) is not None:  # the answer, or its refusal raised; the rest is left behind
                 return ev
 
 
@@ -191,7 +206,7 @@ class AsyncSession:
             await self.client._wait(self.id, (P.SessionClosed,), self.client.timeout if timeout is None
                                     else timeout, "session.closed")
         finally:
-            self.client._queues.pop(self.id, None)
+            self.client._forget(self.id)
 
 
 class _AQueue(asyncio.Queue):

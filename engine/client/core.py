@@ -7,6 +7,7 @@ torch or the model code.
 """
 from __future__ import annotations
 
+import collections
 import os
 import time
 from dataclasses import dataclass, field
@@ -151,17 +152,37 @@ _REQUEST_OF = {P.SessionOpened: P.SessionOpen.TYPE, P.AudioCommitted: P.AudioCom
                P.ConversationTruncated: P.ConversationTruncate.TYPE, P.SessionClosed: P.SessionClose.TYPE}
 
 
-def awaited(ev, types: tuple) -> bool:
-    """While a client waits for one of `types`, the answer to the request it just sent: True when `ev` is it;
-    RemoteError when `ev` refuses that request. Anything else is left behind: events and errors of earlier replies
-    (an error with a turn), and refusals of requests sent without waiting — an append (the daemon then refuses the
-    commit that follows it too, naming why) or a cancel that found no reply in flight. Raising on those would
-    hand the next request an answer that is not its own, and leave its real answer for the one after."""
+def request_of(types: tuple) -> str | None:
+    """The request whose answer is one of `types` (None: a wait for something that answers no request)."""
+    return _REQUEST_OF.get(types[0])
+
+
+def check_session_id(sid: str) -> str:
+    """A session name the daemon takes (it answers a malformed one anonymously, so a wait for it would hang)."""
+    if not isinstance(sid, str) or not P.SESSION_ID.fullmatch(sid):
+        raise ClientError(f"session id {sid!r}: 1-64 characters of A-Z a-z 0-9 _ . : -")
+    return sid
+
+
+def settle(ev, types: tuple, owed: collections.Counter):
+    """While a client waits for one of `types`, the answer to the request it just sent: `ev` when it is that
+    answer; RemoteError when it refuses that request; None for anything else, which is left behind: events and
+    errors of earlier replies (an error with a turn), and refusals of requests sent without waiting (an append,
+    whose refusal the daemon repeats for the commit that follows it, or a cancel that found no reply in flight).
+    `owed` counts answers still due to earlier waits of this session that timed out: the late answer of one of
+    those is skipped, not taken for the current request's (every later wait would then be one answer behind)."""
+    request = request_of(types)
     if isinstance(ev, P.ServerError):
-        if ev.turn < 0 and (not ev.in_reply_to or ev.in_reply_to in {_REQUEST_OF.get(t) for t in types}):
-            raise RemoteError(ev)
-        return False
-    return isinstance(ev, types)
+        if ev.turn >= 0 or ev.in_reply_to and ev.in_reply_to != request:
+            return None
+    elif not isinstance(ev, types):
+        return None
+    if owed[request]:
+        owed[request] -= 1
+        return None
+    if isinstance(ev, P.ServerError):
+        raise RemoteError(ev)
+    return ev
 
 
 def route(ev, sessions: dict, replies: dict) -> None:

@@ -30,11 +30,13 @@ from omni2.engine.client.core import (
     RemoteError,
     Response,
     audio_chunks,
-    awaited,
+    check_session_id,
     dealer_socket,
     no_answer,
+    request_of,
     route,
     session_open_message,
+    settle,
     unsendable,
 )
 from omni2.engine.wire import protocol as P
@@ -57,6 +59,7 @@ class Client:
         self._sock = dealer_socket(self._ctx, address, curve_server_key, curve_secret_file)
         self._sock.setsockopt(zmq.SNDTIMEO, int(connect_timeout * 1000))
         self._queues: dict[str, collections.deque] = {}
+        self._owed: dict[str, collections.Counter] = {}  # per session: answers due to waits that timed out
         self._replies: dict = {}
         self._nonce = itertools.count()
 
@@ -83,17 +86,26 @@ class Client:
 
     def open(self, session_id: str | None = None, **options) -> Session:
         """Open a session; options as `session_open_message` (voice, seed, greedy, mode, audio_format, ...)."""
-        sid = session_id or uuid.uuid4().hex[:16]
+        sid = check_session_id(session_id or uuid.uuid4().hex[:16])
         if sid in self._queues:
             raise ClientError(f"session {sid!r} is already open on this client")
-        self._queues[sid] = collections.deque()
-        self.send(session_open_message(sid, token=self.token, **options))
+        self._queues[sid], self._owed[sid] = collections.deque(), collections.Counter()
         try:
+            self.send(session_open_message(sid, token=self.token, **options))
             ev = self._wait(sid, (P.SessionOpened,), self.timeout, "session.opened")
-        except ClientError:
-            self._queues.pop(sid, None)
+        except ClientError as e:
+            self._forget(sid)
+            if isinstance(e, ClientTimeout):  # it may open later: have it closed then, not held for nobody
+                try:
+                    self.send(P.SessionClose(sid))
+                except ClientError:
+                    pass
             raise
         return Session(self, sid, ev)
+
+    def _forget(self, sid: str) -> None:
+        self._queues.pop(sid, None)
+        self._owed.pop(sid, None)
 
     # -- plumbing (Session uses these) -------------------------------------------------------------------------
     def send(self, msg) -> None:
@@ -139,13 +151,15 @@ class Client:
 
     def _wait(self, sid: str, types: tuple, timeout: float, what: str):
         """Skip to the session's next event of `types`, the answer to the request just sent; its refusal raises
-        RemoteError (core.awaited)."""
+        RemoteError (core.settle)."""
         deadline = time.monotonic() + timeout
+        owed = self._owed[sid]
         while True:
             ev = self.next_event(sid, max(0.0, deadline - time.monotonic()))
             if ev is None:
+                owed[request_of(types)] += 1  # its answer may still come: it is not the next request's
                 raise ClientTimeout(no_answer(what, self.address, timeout))
-            if awaited(ev, types):
+            if settle(ev, types, owed) is not None:
                 return ev
 
 
@@ -217,5 +231,5 @@ class Session:
             self.client._wait(self.id, (P.SessionClosed,), self.client.timeout if timeout is None
                               else timeout, "session.closed")
         finally:
-            self.client._queues.pop(self.id, None)
+            self.client._forget(self.id)
 

@@ -17,6 +17,7 @@ and so comparable across the engine's processes on one host.
 from __future__ import annotations
 
 import functools
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -366,6 +367,7 @@ ENGINE_KINDS: dict[type, int] = {
 # (0x6_ client -> server, 0x7_ server -> client). Each class's TYPE is its name in docs/PROTOCOL.md and in the
 # client API, after the OpenAI Realtime API where the meaning is the same. The codec checks shapes and types;
 # serve/sessions.py checks values (lengths, ranges, enums) and answers anything wrong with a ServerError.
+SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a client's session name: short, printable, log-safe
 
 AUDIO_FORMATS = ("pcm16", "float32")  # response.audio.delta payload: PCM16 (default, OpenAI's) or exact float32
 MODES = ("streaming", "offline")  # offline: the whole reply arrives at once, just before response.done

@@ -3,6 +3,7 @@ daemon is down, and the README's client example run as written."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from omni2.engine.cli.generate import run_turn, session_options
-from omni2.engine.client import AsyncClient, Client, DaemonUnavailable, RemoteError
+from omni2.engine.client import AsyncClient, Client, ClientError, ClientTimeout, DaemonUnavailable, RemoteError
 from omni2.engine.config import Limits
 from omni2.engine.reference import ReferencePipeline
 from omni2.engine.wire import protocol as P
@@ -48,15 +49,17 @@ def test_a_daemon_that_is_down_is_a_clear_error():
     with Client(address, connect_timeout=0.5) as c:
         with pytest.raises(DaemonUnavailable, match="omni2-engine serve"):
             c.ping()
-        with pytest.raises(DaemonUnavailable, match="omni2-engine serve"):
-            c.open()
+        for _ in range(2):  # a failed open leaves nothing behind: the same name is free to try again
+            with pytest.raises(DaemonUnavailable, match="omni2-engine serve"):
+                c.open("alice")
 
     async def main():
         async with AsyncClient(address, connect_timeout=0.5) as ac:
             with pytest.raises(DaemonUnavailable):
                 await ac.ping()
-            with pytest.raises(DaemonUnavailable):
-                await ac.open()
+            for _ in range(2):
+                with pytest.raises(DaemonUnavailable):
+                    await ac.open("alice")
 
     asyncio.run(main())
     assert time.monotonic() - t0 < 10
@@ -132,3 +135,31 @@ def test_the_readme_client_example_runs_as_written(daemon, tmp_path):
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert (tmp_path / "reply.wav").is_file()
+
+
+@pytest.mark.parametrize("name", ["bad id", "x" * 65, "naïve"])
+def test_a_session_name_the_daemon_would_refuse_fails_at_once(name):
+    """The daemon answers a malformed name without naming the session (it is not one): a wait for it would hang."""
+    with Client(f"tcp://127.0.0.1:{free_port()}", connect_timeout=0.5) as c:
+        with pytest.raises(ClientError, match="session id"):
+            c.open(name)
+
+
+def test_the_late_answer_of_a_wait_that_timed_out_is_not_the_next_ones():
+    """A commit whose wait timed out is answered later (audio.committed of turn 0); the next commit is refused
+    (busy, the first reply is in flight). The second wait must raise busy, not return turn 0's answer and leave
+    the refusal for the wait after it. Errors of requests sent without waiting and replies' events are skipped."""
+    with Client(f"tcp://127.0.0.1:{free_port()}", connect_timeout=0.5) as c:
+        c._queues["s"], c._owed["s"] = collections.deque(), collections.Counter()
+        with pytest.raises(ClientTimeout):
+            c._wait("s", (P.AudioCommitted,), 0.05, "audio.committed")
+        c._queues["s"].extend([
+            P.ServerError("s", "no_response", "no reply in flight", P.ResponseCancel.TYPE, -1),
+            P.AudioCommitted("s", 0, 1.0),
+            P.ResponseTextDelta("s", 0, "hi", 7, 0.0),
+            P.ServerError("s", "busy", "a reply is in flight", P.AudioCommit.TYPE, -1),
+            P.AudioCommitted("s", 1, 1.0),
+        ])
+        with pytest.raises(RemoteError, match="busy"):
+            c._wait("s", (P.AudioCommitted,), 1, "audio.committed")
+        assert c._wait("s", (P.AudioCommitted,), 1, "audio.committed").turn == 1
