@@ -70,7 +70,8 @@ def serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
         engine.stop()
         server.close()
     except BaseException:
-        server.close()  # the engine cleaned up after itself (Engine.start stops what it started)
+        engine.stop()  # after a failed start a no-op (Engine.start stops what it started); else the turns end
+        server.close()
         raise
     finally:
         if realtime is not None:

@@ -28,7 +28,6 @@ import zmq
 
 from omni2.engine.config import ConfigError, ServerConfig
 from omni2.engine.serve.sessions import (
-    SESSION_ID,
     ClientState,
     RequestError,
     SessionState,
@@ -160,14 +159,9 @@ class FrontDoor:
             # takes a message again.
             if client.not_reading and not self._writable(client):
                 self._counts["dropped"] += 1
+                self._lose_audio(client, body, "an audio.append sent while this client did not read was dropped")
                 return
-            # It reconnected (or read its backlog) in time: tell it what it missed.
-            client.unreachable_since, client.not_reading = None, False
-            for s in client.sessions.values():
-                if s.lost_turn >= 0:
-                    self._error(client, s.name, "reply_lost", "the reply was cancelled while this client was "
-                                "unreachable", "", s.lost_turn)
-                    s.lost_turn = -1
+            self._came_back(client)
         self._counts["requests"] += 1
         msg, in_reply_to, sid = None, "", ""
         try:
@@ -177,10 +171,11 @@ class FrontDoor:
                 bad = str(e)
             in_reply_to = getattr(msg, "TYPE", "")
             sid = getattr(msg, "session_id", "")
-            if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
+            if not isinstance(sid, str) or not P.SESSION_ID.fullmatch(sid):
                 sid = ""  # the error reply names the session only when it is one a client could have opened
             size = sum(len(f) for f in body)
             if size > self.cfg.max_frame_bytes:
+                self._lose_audio(client, body, f"an audio.append of {size} bytes was refused (too_large)")
                 raise RequestError("too_large", f"request of {size} bytes exceeds the {self.cfg.max_frame_bytes}-"
                                                 f"byte limit; send audio in smaller audio.append chunks")
             if bad is not None:
@@ -204,6 +199,26 @@ class FrontDoor:
         self._counts["errors"] += 1
         self._send(client, P.ServerError(sid, code, message[:2000], in_reply_to, turn))
 
+    def _came_back(self, client: ClientState) -> None:
+        """An unreachable client reconnected (or read its backlog) in time: tell it what it missed."""
+        client.unreachable_since, client.not_reading = None, False
+        for s in client.sessions.values():
+            if s.lost_turn >= 0:
+                self._error(client, s.name, "reply_lost", "the reply was cancelled while this client was "
+                            "unreachable", "", s.lost_turn)
+                s.lost_turn = -1
+
+    def _lose_audio(self, client: ClientState, body: list, why: str) -> None:
+        """An audio.append that never reaches its turn: that turn's commit is refused (audio_lost), as for an
+        append the checks refuse, rather than answering the turn without it."""
+        try:
+            msg = P.decode(body)
+        except ProtocolError:
+            return
+        s = client.sessions.get(msg.session_id) if isinstance(msg, P.AudioAppend) else None
+        if s is not None:
+            s.refused = s.refused or ("audio_lost", why)
+
     def _session(self, client: ClientState, name: str) -> SessionState:
         s = client.sessions.get(name)
         if s is None:
@@ -218,7 +233,7 @@ class FrontDoor:
                 log.warning("session.open with a wrong token from client %s (%d refused so far)",
                             client.identity.hex()[:8], self._counts["unauthorized"])
             raise RequestError("unauthorized", "wrong or missing token (see the daemon's --token-file)")
-        if not SESSION_ID.fullmatch(m.session_id):
+        if not P.SESSION_ID.fullmatch(m.session_id):
             raise RequestError("bad_value", "session_id must be 1-64 characters of A-Z a-z 0-9 _ . : -")
         if m.session_id in client.sessions:
             raise RequestError("session_exists", f"session {m.session_id!r} is already open on this connection")
@@ -337,12 +352,13 @@ class FrontDoor:
             s.last_active = time.monotonic()
         elif isinstance(ev, ErrorEvent):
             turn, s.turn = s.turn, -1
+            s.last_active, s.pcm = time.monotonic(), []
             self._error(s.client, s.name, ev.code, ev.message, "audio.commit", turn)
 
     def _end_reply(self, s: SessionState, reason: str) -> None:
         """Cancel the reply in flight and give the client its final event (what it got so far)."""
         self.engine.cancel(s.sid)  # also drops audio appended since the commit (a barge-in starts afresh)
-        s.pending_seconds, s.refused = 0.0, None
+        s.pending_seconds, s.refused, s.pcm = 0.0, None, []
         s.epoch += 1  # after cancel returns no event of that reply is produced; queued ones are now stale
         turn, s.turn = s.turn, -1
         self._send(s.client, P.ResponseDone(s.name, turn, "".join(s.text), s.token_ids, s.units, reason, {}))
@@ -378,9 +394,12 @@ class FrontDoor:
             client.unreachable_since, client.not_reading = time.monotonic(), e.errno == zmq.EAGAIN
             for s in client.sessions.values():
                 if s.turn >= 0:
-                    self.engine.cancel(s.sid)
+                    self.engine.cancel(s.sid)  # which drops the audio appended for the next turn too
                     s.epoch += 1
-                    s.lost_turn, s.turn = s.turn, -1
+                    s.lost_turn, s.turn, s.pcm = s.turn, -1, []
+                    if s.pending_seconds > 0:
+                        s.refused = s.refused or ("audio_lost", "audio appended during the reply was dropped "
+                                                                "with it while this client was unreachable")
             if not client.sessions:
                 self.clients.pop(client.identity, None)
             return False
@@ -401,6 +420,12 @@ class FrontDoor:
 
     def _housekeeping(self, now: float) -> None:
         for client in list(self.clients.values()):
+            if client.unreachable_since is not None and now - client.last_probe >= PROBE_UNREACHABLE_S:
+                # One that reconnected only to listen (a reply it was reading) sends nothing that would show it:
+                # ask its socket.
+                client.last_probe = now
+                if self._writable(client):
+                    self._came_back(client)
             if client.unreachable_since is not None:
                 if now - client.unreachable_since >= self.cfg.reclaim_s:
                     for s in list(client.sessions.values()):
@@ -412,9 +437,12 @@ class FrontDoor:
         for s in list(self.sessions.values()):
             if s.turn < 0 and now - max(s.last_active, s.client.last_seen) >= self.cfg.idle_timeout_s:
                 self._close(s, "idle")
+                if not s.client.sessions and s.client.unreachable_since is None:
+                    self.clients.pop(s.client.identity, None)
 
 
 # -- the socket ---------------------------------------------------------------------------------------------------
+PROBE_UNREACHABLE_S = 0.5  # how often an unreachable client's socket is asked whether it takes messages again
 MAX_FRAMES = 8  # identity + kind + body + tensors: no request has more than 4
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hmac
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +21,6 @@ from omni2.engine.config import (
 )
 from omni2.engine.wire import protocol as P
 
-SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # a client's session name: short, printable, log-safe
 MAX_TOKEN_CHARS = 4096
 MAX_SEED = 2**62  # the engine derives seed + 1 and seed + 2; SamplingParams wants < 2**63
 SAMPLE_RATES = (1000, 384000)  # accepted input rates, Hz (audio.MAX_SAMPLE_RATE is the upper bound)
@@ -74,6 +72,7 @@ class ClientState:
     last_seen: float = field(default_factory=time.monotonic)  # last request received
     last_sent: float = field(default_factory=time.monotonic)  # last successful send (or probe)
     unreachable_since: float | None = None
+    last_probe: float = 0.0  # when its socket was last asked whether it takes messages again (while unreachable)
     not_reading: bool = False  # unreachable because its queue was full (it sends, but does not read)
 
 

@@ -13,7 +13,7 @@ import threading
 class Wakeup:
     def __init__(self):
         self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a signal handler may wake() on the thread inside wake() or close()
         self._closed = False
 
     def wake(self) -> None:

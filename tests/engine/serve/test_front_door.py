@@ -206,9 +206,10 @@ def test_requests_of_a_client_are_checked(daemon):
 
 
 def test_a_refusal_answers_its_own_request_and_no_later_one(daemon):
-    """A cancel with nothing in flight and an append past the turn's 30 s are refused without the client waiting;
-    the over-long turn's commit is refused too (not answered with what was left of it), and the session's next
-    turn gets its own answer: no refusal or reply is left behind for a later request to take as its own."""
+    """A cancel with nothing in flight, an append past the turn's 30 s and one over the request size limit are
+    refused without the client waiting; the commit of a turn that lost an append is refused too (not answered with
+    what was left of it), and the session's next turn gets its own answer: no refusal or reply is left behind for
+    a later request to take as its own."""
     with daemon.client() as c:
         s = c.open(greedy=True, max_new_tokens=4)
         s.cancel()  # no_response, unread
@@ -216,6 +217,11 @@ def test_a_refusal_answers_its_own_request_and_no_later_one(daemon):
             s.send(np.zeros((31 * 8000,), np.float32), 8000)
         assert e.value.code == "too_long" and "the turn is dropped whole" in e.value.message, e.value
         assert e.value.event.in_reply_to == "audio.commit"
+        # An append over the 4 MiB request limit is refused before its handler runs: its turn is refused too.
+        c.send(P.AudioAppend(s.id, np.zeros(1_200_000, np.float32), 48000))
+        with pytest.raises(RemoteError) as e:
+            s.send(Q1, 16000)
+        assert e.value.code == "audio_lost" and "too_large" in e.value.message, e.value
         r = s.reply(Q1, 16000)
         assert r.turn == 0 and r.finish_reason in ("stop", "length") and r.units
         s.close()
