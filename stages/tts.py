@@ -25,7 +25,11 @@ FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
 
 
 class TTSError(RuntimeError):
-    pass
+    """A step refused; `sessions` names the sessions at fault when the others could go on without them."""
+
+    def __init__(self, message: str, sessions: list[str] | None = None):
+        super().__init__(message)
+        self.sessions = sessions or []
 
 
 class SpeechGenerator(nn.Module):
@@ -184,8 +188,9 @@ class TTSStage:
         else:
             starts = [s.pos for _, s in writers]
         too_long = [sid for (sid, _), st, n in zip(writers, starts, sizes) if st + n > self.opts.max_context]
-        if too_long:
-            raise TTSError(f"sessions {too_long} exceed the TTS context of {self.opts.max_context} positions")
+        if too_long:  # nothing was computed: the others can step again without them
+            raise TTSError(f"the reply's speech would pass the TTS context of {self.opts.max_context} positions",
+                           too_long)
         with torch.inference_mode():
             hidden = self._forward([s for _, s in writers], starts)
             ids = self._decode(hidden, [s for _, s in writers]).tolist()

@@ -35,7 +35,7 @@ from omni2.engine.wire.protocol import (
 )
 from omni2.stages.asr import ASRStage
 from omni2.stages.llm import LLMError, LLMStage, LLMTurn
-from omni2.stages.tts import TTSInput, TTSStage, UnitPieces
+from omni2.stages.tts import TTSError, TTSInput, TTSStage, UnitPieces
 from omni2.stages.vocoder import VocoderInput, VocoderStage
 
 
@@ -305,7 +305,15 @@ class TtsRunner(Runner):
     def step(self):
         inputs, self.inputs = self.inputs, []
         done_sids, units, finals, ends = [], [], [], []
-        for t in self.tts.step(inputs):
+        try:
+            written = self.tts.step(inputs)
+        except TTSError as e:
+            if not e.sessions:
+                raise
+            for sid in e.sessions:  # their turns end with an error; their batch-mates' go on
+                self.fail(sid, "tts_context", str(e))
+            written = self.tts.step([])  # the inputs are in already
+        for t in written:
             pieces = self.pieces.setdefault(t.session_id, UnitPieces(self.tts.stream.write))
             piece = pieces.push(t)
             if piece is not None:  # a write, or a W-unit piece of a long one: the vocoder can start on it

@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from omni2.engine.checkpoints.model_dir import ModelDir
 from omni2.engine.config import OFFICIAL_SAMPLING, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.stages.sampling import sample
-from omni2.stages.tts import TTSInput, TTSStage
+from omni2.stages.tts import TTSError, TTSInput, TTSStage
 from tests.stages.recorded_graphs import stage_device
 
 
@@ -301,3 +301,32 @@ def test_kernels_give_the_same_units_as_the_references(md, force_triton, monkeyp
     assert runs[0] == runs[1]
     toks = sum(runs[0], [])
     assert sum(md.special_ids().is_unit(t) for t in toks) >= 15, toks
+
+
+def test_a_session_past_the_context_is_named_and_nothing_is_computed(md, stage_factory):
+    """One session's speech would pass the TTS context: the step refuses naming it (and only it), before any
+    forward, so that its batch-mate, once the other is cancelled, speaks exactly as it would alone."""
+    st, alone = stage_factory(sessions=2, max_context=60), stage_factory(sessions=1)
+    long_ids, long_h = reply(md, 30, 1)
+    ids, h = reply(md, 3, 2)
+    for sid in ("long", "short"):
+        st.open(sid)
+    alone.open("short")
+    st.step([TTSInput("long", long_ids, long_h, final=True)])  # 30 tokens read: ~30 positions ahead of "short"
+    first = [TTSInput("short", ids, h, final=True)]
+
+    def short_tokens(stage, inputs):
+        return [t.token_id for t in stage.step(inputs) if t.session_id == "short"]
+
+    got = []
+    with pytest.raises(TTSError) as e:
+        for i in range(60):
+            got += short_tokens(st, first if i == 0 else [])
+    assert e.value.sessions == ["long"]
+    st.cancel("long")
+    for _ in range(10):  # "short" stays well inside the context
+        got += short_tokens(st, [])
+    want = short_tokens(alone, first)
+    while len(want) < len(got):
+        want += short_tokens(alone, [])
+    assert len(got) > 10 and got == want

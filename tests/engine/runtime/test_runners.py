@@ -3,8 +3,9 @@ import numpy as np
 import torch
 
 from omni2.engine.config import Limits, SessionOptions, VocoderOptions
-from omni2.engine.runtime.runners import AsrRunner, LlmRunner, VocoderRunner, to_wire
-from omni2.engine.wire.protocol import AsrToLlm, EngineToAsr, TtsToVocoder
+from omni2.engine.runtime.runners import AsrRunner, LlmRunner, TtsRunner, VocoderRunner, to_wire
+from omni2.engine.wire.protocol import AsrToLlm, EngineToAsr, LlmToTts, TtsToVocoder
+from omni2.stages.tts import TTSError
 
 
 class Recorder:
@@ -59,3 +60,24 @@ def test_the_vocoder_runner_calls_by_its_schedule():
         r.feed(partial)
         assert r.ready() is ready
     assert got["official-live"] == got["hop"] == [[([1] * 10 + [2] * 10 + [3] * 4, True)]]
+
+
+def test_a_session_past_the_tts_context_fails_alone():
+    """The TTS step refuses one session (its speech would pass the context): that turn fails, and the step runs
+    again for its batch-mates, without feeding the inputs twice."""
+    steps = []
+
+    def step(inputs):
+        steps.append([x.session_id for x in inputs])
+        if len(steps) == 1:
+            raise TTSError("the reply's speech would pass the TTS context of 40 positions", ["long"])
+        return []
+
+    r = TtsRunner(Recorder(step=step, ready=lambda: False, sessions={}))
+    for sid in ("long", "short"):
+        r.open(to_wire(sid, SessionOptions()))
+    r.feed(LlmToTts(["long", "short"], [0, 0], [5, 6], torch.zeros(2, 4), [False, False], 0.0))
+    assert r.step() == []
+    assert steps == [["long", "short"], []]
+    assert [(f.session_id, f.code) for f in r.failures] == [("long", "tts_context")]
+    assert ("cancel", ("long",), {}) in r.tts.calls and ("cancel", ("short",), {}) not in r.tts.calls
