@@ -79,6 +79,17 @@ def reply_of(events: list) -> tuple[str, np.ndarray]:
     return text, np.concatenate(pcm) if pcm else np.zeros(0, np.int16)
 
 
+def assert_engine_reply(daemon, span: np.ndarray, rate: int, text: str, audio: np.ndarray) -> None:
+    """The committed span, sent by the ZMQ client to a fresh session with the same (default) seed and voice, gets
+    the transcript and PCM16 the Realtime client got."""
+    with daemon.client() as c:
+        s = c.open()
+        ref = s.reply(span, rate)
+        s.close()
+    assert text and ref.text == text
+    assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)
+
+
 def test_a_server_vad_turn_equals_the_engine_reply(daemon):
     question = wav("question.wav")
     silence = np.zeros(RATE // 2, np.int16)
@@ -109,15 +120,8 @@ def test_a_server_vad_turn_equals_the_engine_reply(daemon):
     assert done.response.output[0].content[0].transcript == text
     assert float(done.response.metadata["omni2_first_audio"]) > 0
 
-    # The same committed span, sent by the ZMQ client to a fresh session with the same (default) seed and voice.
-    span = pcm[started.audio_start_ms * RATE // 1000: stopped.audio_end_ms * RATE // 1000]
-    with daemon.client() as c:
-        s = c.open()
-        ref = s.reply(span, RATE)
-        s.close()
-    assert ref.text == text
-    expected = np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16)
-    assert np.array_equal(expected, audio)
+    assert_engine_reply(daemon, pcm[started.audio_start_ms * RATE // 1000: stopped.audio_end_ms * RATE // 1000],
+                        RATE, text, audio)
 
 
 def test_turns_keep_the_streams_clock_across_a_clear_and_a_new_rate(daemon):
@@ -153,13 +157,8 @@ def test_turns_keep_the_streams_clock_across_a_clear_and_a_new_rate(daemon):
     assert 1150 <= started.audio_start_ms <= 1350, started.audio_start_ms
     assert 5200 <= stopped.audio_end_ms <= 5950, stopped.audio_end_ms
     text, audio = reply_of(events)
-    span = pcm[(started.audio_start_ms - 1000) * rate // 1000:(stopped.audio_end_ms - 1000) * rate // 1000]
-    with daemon.client() as c:
-        s = c.open()
-        ref = s.reply(span, rate)
-        s.close()
-    assert text and ref.text == text
-    assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)
+    assert_engine_reply(daemon, pcm[(started.audio_start_ms - 1000) * rate // 1000:
+                                    (stopped.audio_end_ms - 1000) * rate // 1000], rate, text, audio)
 
 
 def test_a_turn_keeps_its_rate_and_waits_for_response_create_when_asked(daemon):
@@ -201,13 +200,8 @@ def test_a_turn_keeps_its_rate_and_waits_for_response_create_when_asked(daemon):
     assert item.content[0].type == "output_audio"
     text, audio = reply_of(events)
     assert item.content[0].transcript == text
-    span = pcm[started.audio_start_ms * RATE // 1000: stopped.audio_end_ms * RATE // 1000]
-    with daemon.client() as c:
-        s = c.open()
-        ref = s.reply(span, RATE)
-        s.close()
-    assert text and ref.text == text
-    assert np.array_equal(np.clip(np.rint(ref.audio * 32767), -32768, 32767).astype(np.int16), audio)
+    assert_engine_reply(daemon, pcm[started.audio_start_ms * RATE // 1000: stopped.audio_end_ms * RATE // 1000],
+                        RATE, text, audio)
 
 
 def beta_sdk(daemon):
