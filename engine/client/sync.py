@@ -129,7 +129,7 @@ class Client:
 
     def _request(self, msg, timeout: float | None):
         timeout = self.connect_timeout if timeout is None else timeout
-        self._replies.pop("error", None)  # a stale one must not fail this request
+        self._replies.clear()  # stale: an error that must not fail this request, answers of requests that timed out
         self.send(msg)
         deadline = time.monotonic() + timeout
         while msg.nonce not in self._replies:

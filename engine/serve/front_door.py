@@ -195,9 +195,9 @@ class FrontDoor:
         if not client.sessions and client.identity in self.clients and client.unreachable_since is None:
             del self.clients[client.identity]  # no state worth keeping (pings, status, refused opens)
 
-    def _error(self, client: ClientState, sid: str, code: str, message: str, in_reply_to: str, turn: int = -1) -> None:
+    def _error(self, client: ClientState, sid: str, code: str, message: str, in_reply_to: str, turn: int = -1) -> bool:
         self._counts["errors"] += 1
-        self._send(client, P.ServerError(sid, code, message[:2000], in_reply_to, turn))
+        return self._send(client, P.ServerError(sid, code, message[:2000], in_reply_to, turn))
 
     def _came_back(self, client: ClientState) -> None:
         """An unreachable client reconnected (or read its backlog) in time: tell it what it missed."""
@@ -353,7 +353,8 @@ class FrontDoor:
         elif isinstance(ev, ErrorEvent):
             turn, s.turn = s.turn, -1
             s.last_active, s.pcm = time.monotonic(), []
-            self._error(s.client, s.name, ev.code, ev.message, "audio.commit", turn)
+            if not self._error(s.client, s.name, ev.code, ev.message, "audio.commit", turn):
+                s.lost_turn = turn  # the client missed how its reply ended: told if it comes back (reply_lost)
 
     def _end_reply(self, s: SessionState, reason: str) -> None:
         """Cancel the reply in flight and give the client its final event (what it got so far)."""
@@ -361,7 +362,8 @@ class FrontDoor:
         s.pending_seconds, s.refused, s.pcm = 0.0, None, []
         s.epoch += 1  # after cancel returns no event of that reply is produced; queued ones are now stale
         turn, s.turn = s.turn, -1
-        self._send(s.client, P.ResponseDone(s.name, turn, "".join(s.text), s.token_ids, s.units, reason, {}))
+        if not self._send(s.client, P.ResponseDone(s.name, turn, "".join(s.text), s.token_ids, s.units, reason, {})):
+            s.lost_turn = turn
 
     def _close(self, s: SessionState, reason: str, notify: bool = True) -> None:
         if s.turn >= 0:
