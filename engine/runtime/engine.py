@@ -396,17 +396,20 @@ class Engine:
         self.submit(session_id, audio, sample_rate)
         return self.events(session_id, timeout)
 
-    def cancel(self, session_id: str) -> None:
-        """Barge-in: stop the turn in every stage; none of its events is delivered after this returns."""
+    def cancel(self, session_id: str) -> bool:
+        """Barge-in: stop the turn in every stage; none of its events is delivered after this returns. False when
+        no turn was in flight: its TurnDone (or ErrorEvent) has been delivered already, and it stays in the
+        conversation. Audio appended for the next turn is dropped either way."""
         s = self._get(session_id)
         with self._lock:
             turn, s.turn = s.turn, None
             s.chunks = []
             if turn is None:
-                return
+                return False
             drain(s.events)  # what is queued of that turn is not delivered either
             s.events.put(_CANCELLED)
         self._broadcast(CancelSession(s.key, turn.number))
+        return True
 
     def close(self, session_id: str) -> None:
         with self._lock:

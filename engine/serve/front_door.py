@@ -285,7 +285,7 @@ class FrontDoor:
         s = self._session(client, m.session_id)
         if s.turn < 0:
             raise RequestError("no_response", "no reply in flight to cancel")
-        self._end_reply(s, "cancelled")
+        self._end_reply(s, "cancelled", finished_stands=True)
 
     def _truncate(self, client: ClientState, m: P.ConversationTruncate) -> None:
         s = self._session(client, m.session_id)
@@ -356,10 +356,15 @@ class FrontDoor:
             if not self._error(s.client, s.name, ev.code, ev.message, "audio.commit", turn):
                 s.lost_turn = turn  # the client missed how its reply ended: told if it comes back (reply_lost)
 
-    def _end_reply(self, s: SessionState, reason: str) -> None:
-        """Cancel the reply in flight and give the client its final event (what it got so far)."""
-        self.engine.cancel(s.sid)  # also drops audio appended since the commit (a barge-in starts afresh)
-        s.pending_seconds, s.refused, s.pcm = 0.0, None, []
+    def _end_reply(self, s: SessionState, reason: str, finished_stands: bool = False) -> None:
+        """Cancel the reply in flight and give the client its final event (what it got so far). With
+        `finished_stands` (a client's cancel), a reply the engine has just finished — its TurnDone queued here, the
+        turn in the conversation — is not called cancelled: its own response.done, on its way, ends it."""
+        in_flight = self.engine.cancel(s.sid)  # also drops audio appended since the commit (a barge-in starts afresh)
+        s.pending_seconds, s.refused = 0.0, None
+        if not in_flight and finished_stands:
+            return
+        s.pcm = []
         s.epoch += 1  # after cancel returns no event of that reply is produced; queued ones are now stale
         turn, s.turn = s.turn, -1
         if not self._send(s.client, P.ResponseDone(s.name, turn, "".join(s.text), s.token_ids, s.units, reason, {})):

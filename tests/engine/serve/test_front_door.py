@@ -13,9 +13,10 @@ import pytest
 
 from omni2.engine.cli.generate import session_options
 from omni2.engine.client import RemoteError, session_open_message
-from omni2.engine.config import Limits
+from omni2.engine.config import Limits, ServerConfig
 from omni2.engine.reference import ReferencePipeline
-from omni2.engine.serve.sessions import to_wire_audio
+from omni2.engine.serve.front_door import FrontDoor
+from omni2.engine.serve.sessions import ClientState, SessionState, to_wire_audio
 from omni2.engine.wire import protocol as P
 from omni2.engine.wire.protocol import AudioDelta, TextDelta, TurnDone
 from tests.engine.serve.daemon_harness import EXE, Daemon, alive, env, speech
@@ -225,6 +226,29 @@ def test_a_refusal_answers_its_own_request_and_no_later_one(daemon):
         r = s.reply(Q1, 16000)
         assert r.turn == 0 and r.finish_reason in ("stop", "length") and r.units
         s.close()
+
+
+@pytest.mark.parametrize("in_flight", [True, False])
+def test_a_cancel_that_meets_a_finished_reply_lets_its_own_done_through(in_flight):
+    """The engine finished the turn (its TurnDone queued here, the turn in the conversation) just before the
+    client's cancel is handled: the client gets that reply's own response.done, not a `cancelled` one for a turn
+    that stays in the conversation. While the turn is in flight, the cancel ends it, and what was queued is stale."""
+    class Engine:
+        def cancel(self, sid):
+            return in_flight
+
+    door = FrontDoor(ServerConfig())
+    door.engine, sent = Engine(), []
+    door._send = lambda client, msg: sent.append(msg) or True
+    client = ClientState(b"c")
+    s = client.sessions["s"] = door.sessions["e1"] = SessionState("e1", "s", client, "streaming", "pcm16", turn=0)
+    door.on_event("e1", TurnDone("e1", "hello", [7, 8], [1, 2, 3], "stop"))
+    door._cancel(client, P.ResponseCancel("s"))
+    door._forward_events()
+    door._wakeup.close()
+    (done,) = [m for m in sent if isinstance(m, P.ResponseDone)]
+    assert done.finish_reason == ("cancelled" if in_flight else "stop") and s.turn == -1
+    assert done.text == ("" if in_flight else "hello")
 
 
 def test_a_port_in_use_fails_fast(daemon, tiny_ckpt, tiny_vocoder):
