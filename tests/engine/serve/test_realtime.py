@@ -47,6 +47,11 @@ def wav(name: str, rate: int = RATE) -> np.ndarray:
     return np.clip(np.rint(soxr.resample(a, sr, rate) * 32767), -32768, 32767).astype(np.int16)
 
 
+def spoken_turn(rate: int) -> np.ndarray:
+    """The spoken question between 0.5 s of silence before and 1 s after: one turn for the server VAD."""
+    return np.concatenate([np.zeros(rate // 2, np.int16), wav("question.wav", rate), np.zeros(rate, np.int16)])
+
+
 def b64(pcm: np.ndarray) -> str:
     return base64.b64encode(pcm.astype("<i2").tobytes()).decode()
 
@@ -91,9 +96,7 @@ def assert_engine_reply(daemon, span: np.ndarray, rate: int, text: str, audio: n
 
 
 def test_a_server_vad_turn_equals_the_engine_reply(daemon):
-    question = wav("question.wav")
-    silence = np.zeros(RATE // 2, np.int16)
-    pcm = np.concatenate([silence, question, silence, silence])
+    pcm = spoken_turn(RATE)
 
     async def talk():
         events = []
@@ -129,7 +132,7 @@ def test_turns_keep_the_streams_clock_across_a_clear_and_a_new_rate(daemon):
     change of input rate (each restarts the turn detector), and the committed turn is the audio they name. A refused
     update changes nothing: the rate check comes before the engine is asked about the voice."""
     rate = 16000
-    pcm = np.concatenate([np.zeros(rate // 2, np.int16), wav("question.wav", rate), np.zeros(rate, np.int16)])
+    pcm = spoken_turn(rate)
 
     async def talk():
         async with sdk(daemon) as conn:
@@ -166,9 +169,7 @@ def test_a_turn_keeps_its_rate_and_waits_for_response_create_when_asked(daemon):
     response.create (which then starts it: no response was begun already). The committed audio keeps the rate it
     was sent at though the input rate changes before it is answered; the reply equals the engine's for that audio,
     and its item's content is an output_audio part. A truncate while the response streams is refused."""
-    question = wav("question.wav")
-    silence = np.zeros(RATE // 2, np.int16)
-    pcm = np.concatenate([silence, question, silence, silence])
+    pcm = spoken_turn(RATE)
 
     async def talk():
         events = []
