@@ -769,23 +769,18 @@ def _restore_message(s: _Session, stage: str) -> RestoreSession | None:
                           [x.answer for x in states] if stage == "llm" else [])
 
 
-def drain(q: queue.Queue) -> None:
-    """Empty q; a reader taking an item at the same time is no error (empty() then get_nowait() would be)."""
+def drain(q: queue.Queue) -> list:
+    """Empty q and return what it held; a reader taking an item at the same time is no error (empty() then
+    get_nowait() would be)."""
+    items = []
     while True:
         try:
-            q.get_nowait()
+            items.append(q.get_nowait())
         except queue.Empty:
-            return
+            return items
 
 
 def _drop_cancel_marks(q: queue.Queue) -> None:
-    kept = []
-    while True:
-        try:
-            ev = q.get_nowait()
-        except queue.Empty:
-            break
+    for ev in drain(q):
         if ev is not _CANCELLED:
-            kept.append(ev)
-    for ev in kept:
-        q.put(ev)
+            q.put(ev)

@@ -159,7 +159,11 @@ class FrontDoor:
             # takes a message again.
             if client.not_reading and not self._writable(client):
                 self._counts["dropped"] += 1
-                self._lose_audio(client, body, "an audio.append sent while this client did not read was dropped")
+                try:
+                    self._lose_audio(client, P.decode(body), "an audio.append sent while this client did not read "
+                                                             "was dropped")
+                except ProtocolError:
+                    pass
                 return
             self._came_back(client)
         self._counts["requests"] += 1
@@ -175,7 +179,7 @@ class FrontDoor:
                 sid = ""  # the error reply names the session only when it is one a client could have opened
             size = sum(len(f) for f in body)
             if size > self.cfg.max_frame_bytes:
-                self._lose_audio(client, body, f"an audio.append of {size} bytes was refused (too_large)")
+                self._lose_audio(client, msg, f"an audio.append of {size} bytes was refused (too_large)")
                 raise RequestError("too_large", f"request of {size} bytes exceeds the {self.cfg.max_frame_bytes}-"
                                                 f"byte limit; send audio in smaller audio.append chunks")
             if bad is not None:
@@ -208,16 +212,12 @@ class FrontDoor:
                             "unreachable", "", s.lost_turn)
                 s.lost_turn = -1
 
-    def _lose_audio(self, client: ClientState, body: list, why: str) -> None:
+    def _lose_audio(self, client: ClientState, msg: object, why: str) -> None:
         """An audio.append that never reaches its turn: that turn's commit is refused (audio_lost), as for an
         append the checks refuse, rather than answering the turn without it."""
-        try:
-            msg = P.decode(body)
-        except ProtocolError:
-            return
         s = client.sessions.get(msg.session_id) if isinstance(msg, P.AudioAppend) else None
         if s is not None:
-            s.refused = s.refused or ("audio_lost", why)
+            s.refuse("audio_lost", why)
 
     def _session(self, client: ClientState, name: str) -> SessionState:
         s = client.sessions.get(name)
@@ -261,7 +261,7 @@ class FrontDoor:
             self.engine.append(s.sid, m.audio, m.sample_rate)  # EngineError bad_audio (NaN, unscaled floats, ...)
         except Exception as e:  # RequestError, or the engine's refusal (EngineError, with a code too)
             # The turn now misses a piece: its commit is refused too, rather than answering what is left of it.
-            s.refused = s.refused or (getattr(e, "code", "internal"), str(e))
+            s.refuse(getattr(e, "code", "internal"), str(e))
             raise
         s.pending_seconds += seconds
 
@@ -405,8 +405,8 @@ class FrontDoor:
                     s.epoch += 1
                     s.lost_turn, s.turn, s.pcm = s.turn, -1, []
                     if s.pending_seconds > 0:
-                        s.refused = s.refused or ("audio_lost", "audio appended during the reply was dropped "
-                                                                "with it while this client was unreachable")
+                        s.refuse("audio_lost", "audio appended during the reply was dropped with it while this "
+                                               "client was unreachable")
             if not client.sessions:
                 self.clients.pop(client.identity, None)
             return False

@@ -61,6 +61,10 @@ class SessionState:
     last_active: float = field(default_factory=time.monotonic)
     lost_turn: int = -1  # a reply cancelled because the client was unreachable: reported when it returns
 
+    def refuse(self, code: str, why: str) -> None:
+        """The turn being appended lost a piece: its commit will be refused with the first reason."""
+        self.refused = self.refused or (code, why)
+
     def reset_reply(self, turn: int) -> None:
         self.turn, self.text, self.token_ids, self.units, self.pcm = turn, [], [], [], []
 
