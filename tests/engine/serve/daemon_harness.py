@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,9 +29,22 @@ def _die_with_parent() -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range: a port the kernel hands out (bind to 0) can be
+    given again, between this check and the daemon's bind, as the source port of any outgoing connection, and
+    the daemon then fails with 'Address already in use'."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()  # not the tests' seeded global generator: parallel workers must draw apart
+    while True:
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def env(**extra) -> dict:
