@@ -431,7 +431,8 @@ class TTSOptions:
     offline: bool = False
     gate_override: float | None = None
     reprefill: bool = False
-    max_context: int = 4096  # TTS positions per session: reply text + units + the final flush
+    max_context: int | None = None  # TTS positions per session; None: what a reply of Limits.max_new_tokens
+    # can take at most (stages.tts.reply_positions), so that no reply the thinker may write is cut short
 
 
 VOCODER_SCHEDULES = ("live", "official-live", "hop")

@@ -23,7 +23,7 @@ from omni2.engine.wire.protocol import AudioDelta, Event, TextDelta, TurnDone, U
 from omni2.stages.asr import ASRStage
 from omni2.stages.device import check_device
 from omni2.stages.llm import LLMStage, LLMTurn
-from omni2.stages.tts import TTSInput, TTSStage, UnitPieces
+from omni2.stages.tts import TTSInput, TTSStage, UnitPieces, tts_context
 from omni2.stages.vocoder import VocoderInput, VocoderStage
 
 
@@ -38,6 +38,8 @@ class ReferencePipeline:
             tts_options = replace(tts_options, reprefill=True)
             vocoder_options = replace(vocoder_options, mode="recompute")
         self.limits = limits
+        # What would refuse the TTS stage, refused before minutes of loading the ASR and the thinker.
+        tts_context(limits, tts_options, md.config.generator.stream, md.config.generator.lm)
         self.asr = ASRStage.from_checkpoint(md, device=device, dtype=dtype)
         self.llm = LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
         self.tts = TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype,

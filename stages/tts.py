@@ -15,13 +15,38 @@ import torch
 from torch import nn
 
 from omni2.engine.checkpoints.model_dir import GENERATOR_EXCLUDE, PREFIX_GENERATOR, PREFIX_TTS_LM, ModelDir
-from omni2.engine.config import OFFICIAL_SAMPLING, ConfigError, Limits, SamplingParams, StreamParams, TTSOptions
+from omni2.engine.config import (
+    OFFICIAL_SAMPLING,
+    ConfigError,
+    Limits,
+    Qwen2Config,
+    SamplingParams,
+    StreamParams,
+    TTSOptions,
+)
 from omni2.kernels.fsq_decode import fsq_decode
 from omni2.kernels.gate_fusion import gate_fusion
 from omni2.stages.decode_graph import slot_cache
 from omni2.stages.layers import Qwen2LM, SlotPool, forward_rows, pad_rows, prefer_planless_attention
 
 FINAL_MAX_UNITS = 1024  # max_new_tokens of the call that follows <sep>
+
+
+def reply_positions(tokens: int, stream: StreamParams) -> int:
+    """The most TTS positions a reply of `tokens` thinker tokens can take: every token once, W units for each of
+    at most tokens // R written chunks (each one's last unit enters as the next chunk's first row), and the final
+    chunk's <sep> plus the FINAL_MAX_UNITS - 1 units fed back after it."""
+    return tokens + tokens // stream.read * stream.write + FINAL_MAX_UNITS
+
+
+def tts_context(limits: Limits, options: TTSOptions, stream: StreamParams, lm: Qwen2Config) -> int:
+    """The positions of each session's TTS cache slot: `options.max_context`, or all that a reply of
+    `limits.max_new_tokens` can take; refused when past what the TTS LM was built for."""
+    n = options.max_context or reply_positions(limits.max_new_tokens, stream)
+    if n > lm.max_position_embeddings:
+        raise ConfigError(f"a reply of {limits.max_new_tokens} tokens can take {n} TTS positions, more than the TTS "
+                          f"LM's {lm.max_position_embeddings}: lower --max-new-tokens")
+    return n
 
 
 class TTSError(RuntimeError):
@@ -113,10 +138,11 @@ class TTSStage:
         if unit0 + n_units > lm.cfg.vocab_size:
             raise ConfigError(f"unit ids {unit0}..{unit0 + n_units - 1} exceed the TTS vocab {lm.cfg.vocab_size}")
         self.stream, self.limits, self.opts = stream, limits, options
+        self.max_context = tts_context(limits, options, stream, lm.cfg)
         self.device, self.dtype = torch.device(device), dtype
         # A re-prefilling baseline has no short steps to replay. Token buckets: 1 for the unit-by-unit steps, 8 for
         # a chunk's text ([last unit] + R fused + [<sep>]).
-        self.cache, self.graphs = slot_cache(self.lm, limits.max_sessions, options.max_context, self.device, dtype,
+        self.cache, self.graphs = slot_cache(self.lm, limits.max_sessions, self.max_context, self.device, dtype,
                                              cuda_graphs and not options.reprefill, tokens=(1, 8), head=False)
         self.sessions: dict[str, _Session] = {}
         self.slots = SlotPool(limits.max_sessions, "TTS", TTSError)
@@ -187,9 +213,9 @@ class TTSStage:
             starts = [0 if s.pending is not None else s.pos for _, s in writers]
         else:
             starts = [s.pos for _, s in writers]
-        too_long = [sid for (sid, _), st, n in zip(writers, starts, sizes) if st + n > self.opts.max_context]
+        too_long = [sid for (sid, _), st, n in zip(writers, starts, sizes) if st + n > self.max_context]
         if too_long:  # nothing was computed: the others can step again without them
-            raise TTSError(f"the reply's speech would pass the TTS context of {self.opts.max_context} positions",
+            raise TTSError(f"the reply's speech would pass the TTS context of {self.max_context} positions",
                            too_long)
         with torch.inference_mode():
             hidden = self._forward([s for _, s in writers], starts)

@@ -76,7 +76,7 @@ from omni2.engine.wire.protocol import (
 from omni2.engine.wire.wakeup import Wakeup
 from omni2.stages.device import check_device
 from omni2.stages.flow import state_bytes_bound
-from omni2.stages.tts import FINAL_MAX_UNITS
+from omni2.stages.tts import FINAL_MAX_UNITS, tts_context
 
 log = logging.getLogger("omni2.engine")
 _CANCELLED = object()  # ends an events() iterator without an event
@@ -153,7 +153,7 @@ class Engine:
         self.sample_rate = self.vocoder_dir.config.sample_rate
         self.read = md.config.generator.stream.read
         self.limits = config.limits
-        self._model_cfg = md.config
+        tts_context(config.limits, config.tts_options, md.config.generator.stream, md.config.generator.lm)
         self._lock = threading.RLock()  # sessions, turns and acks: user threads and the loop thread
         self._sessions: dict[str, _Session] = {}  # by user id
         self._by_key: dict[str, _Session] = {}
@@ -277,7 +277,7 @@ class Engine:
                 raise EngineError("too_many_sessions", f"all {self.limits.max_sessions} sessions are in use "
                                   "(close one, or start the engine with more --max-sessions)")
             budget = self.config.vocoder_memory_bytes
-            flow_bytes = session_flow_bytes(self.config, self._model_cfg, self.vocoder_dir.config,
+            flow_bytes = session_flow_bytes(self.config, self.model_config, self.vocoder_dir.config,
                                             options.vocoder_schedule)
             held = sum(s.flow_bytes for s in self._sessions.values())
             if budget is not None and held + flow_bytes > budget:

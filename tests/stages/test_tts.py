@@ -9,9 +9,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from omni2.engine.checkpoints.model_dir import ModelDir
-from omni2.engine.config import OFFICIAL_SAMPLING, Limits, SamplingParams, StreamParams, TTSOptions
+from omni2.engine.config import OFFICIAL_SAMPLING, ConfigError, Limits, SamplingParams, StreamParams, TTSOptions
 from omni2.stages.sampling import sample
-from omni2.stages.tts import TTSError, TTSInput, TTSStage
+from omni2.stages.tts import TTSError, TTSInput, TTSStage, reply_positions
 from tests.stages.recorded_graphs import stage_device
 
 
@@ -330,3 +330,25 @@ def test_a_session_past_the_context_is_named_and_nothing_is_computed(md, stage_f
     while len(want) < len(got):
         want += short_tokens(alone, [])
     assert len(got) > 10 and got == want
+
+
+def test_the_default_context_holds_the_longest_reply_the_limits_allow(md):
+    """A reply of max_new_tokens tokens, fed one at a time as the thinker writes them, whose TTS never samples EOS
+    (every chunk writes its W units, the final one all FINAL_MAX_UNITS) fits the default context exactly: one
+    position less refuses it."""
+    n = 7  # 7 // 3 = 2 written chunks before the final one, the most a reply of 7 tokens can have
+    limits = Limits(max_sessions=1, max_new_tokens=n)
+    ids, h = reply(md, n, 3)
+    assert TTSStage.from_checkpoint(md, limits).max_context == reply_positions(n, StreamParams()) == 1051
+
+    def speak(stage):
+        stage._decode = lambda hidden, sessions: torch.full((len(sessions),), stage.unit0)  # never EOS
+        stage.open("s")
+        return run_stage(stage, "s", ids, h)
+
+    assert [len(c) for c in speak(TTSStage.from_checkpoint(md, limits))] == [10, 10, 1024]
+    short = TTSStage.from_checkpoint(md, limits, TTSOptions(max_context=1050))
+    with pytest.raises(TTSError, match="would pass the TTS context of 1050 positions"):
+        speak(short)
+    with pytest.raises(ConfigError, match="lower --max-new-tokens"):
+        TTSStage.from_checkpoint(md, Limits(max_new_tokens=8000))

@@ -180,6 +180,27 @@ def test_generate_a_prompt_over_max_context_is_one_error_line(tiny_ckpt, tiny_vo
     assert not out.exists()
 
 
+def test_more_new_tokens_than_the_tts_lm_can_voice_are_refused_before_anything_loads(monkeypatch, tiny_ckpt,
+                                                                                       tiny_vocoder, question,
+                                                                                       tmp_path, capsys):
+    """A reply of 8000 tokens could take 35,684 TTS positions, past the TTS LM's 32,768: serve and generate say so
+    from the checkpoint's config, before a worker is spawned or a stage loaded."""
+    from omni2.engine import reference
+    from omni2.engine.runtime import engine
+
+    monkeypatch.setattr(engine.Engine, "start", _refuse)
+    monkeypatch.setattr(reference, "ASRStage", None)  # a load would fail with a TypeError, not the refusal
+    dirs = ["--model-dir", tiny_ckpt, "--vocoder-dir", tiny_vocoder]
+    want = (f"{PROG}a reply of 8000 tokens can take 35684 TTS positions, more than the TTS LM's 32768: "
+            "lower --max-new-tokens")
+    assert run(["serve", *dirs, "--max-new-tokens", "8000", *bind()], capsys) == want
+    out = tmp_path / "r.wav"
+    rc = cli.main([str(a) for a in ["generate", *dirs, "--wav", question, "--out", out, "--max-new-tokens", "8000"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.strip().splitlines()[-1] == want, err  # after "loading ..."
+    assert not out.exists()
+
+
 # -- voice add -------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def store(tiny_vocoder, tmp_path):
