@@ -55,6 +55,7 @@ from omni2.engine.runtime.worker import WorkerSpec
 from omni2.engine.wire import protocol, ring, shm
 from omni2.engine.wire.codec import ProtocolError
 from omni2.engine.wire.protocol import (
+    Barrier,
     CancelSession,
     CloseSession,
     EngineToAsr,
@@ -169,6 +170,9 @@ class Engine:
         # Turns committed while a stage restarts wait here: sent now, they could reach the replacement before it
         # knows their session (it would drop them) or its conversation (it would refuse them).
         self._held: list[EngineToAsr] = []
+        # stage -> the Barrier sent after its replacement's re-opens: its answer means they are all applied.
+        self._barriers: dict[str, int] = {}
+        self._barrier_seq = itertools.count(1)
         # Made by start(); None until then (and status() says so).
         self.prefix: str | None = None
         self.ipc_dir: str | None = None
@@ -554,12 +558,13 @@ class Engine:
             self._sup.ready(msg.stage)
             if msg.stage in self._replay:
                 self._reopen(msg.stage)
-                with self._lock:
-                    self._replay.discard(msg.stage)
-                    held, self._held = (self._held, []) if not self._replay else ([], self._held)
-                if held:
-                    # Not from this thread: the ASR's credits wait on outputs only this loop drains.
-                    threading.Thread(target=self._put_held, args=(held,), name="held-turns", daemon=True).start()
+                seq = next(self._barrier_seq)
+                self._barriers[msg.stage] = seq
+                if not self._send(msg.stage, protocol.encode(Barrier(msg.stage, seq))):
+                    self._replayed(msg.stage)  # nothing will answer (gone again: its loss starts a new replay)
+        elif isinstance(msg, Barrier):
+            if self._barriers.get(msg.stage) == msg.seq:  # an older one was a worker that died meanwhile
+                self._replayed(msg.stage)
         elif isinstance(msg, SessionAck):
             with self._lock:
                 ack = self._acks.get(msg.session_id)
@@ -671,11 +676,23 @@ class Engine:
             # is not there); start() fails now instead of after the restart budget.
             self._sup.give_up(stage, f"the {stage} worker {why} before the engine was ready")
         elif not self._sup.restart(stage):
+            self._barriers.pop(stage, None)
             with self._lock:
                 self._replay.discard(stage)
                 self._held = []  # their turns end with stage_failed below
                 for s in list(self._by_key.values()):
                     self._fail_turn(s, "stage_failed", self._sup.failed()[stage])
+
+    def _replayed(self, stage: str) -> None:
+        """The replacement of `stage` holds every session again: once no stage is left to replay, the turns held
+        meanwhile go out (sent earlier, they could overtake the re-opens that the worker has not read yet)."""
+        self._barriers.pop(stage, None)
+        with self._lock:
+            self._replay.discard(stage)
+            held, self._held = (self._held, []) if not self._replay else ([], self._held)
+        if held:
+            # Not from this thread: the ASR's credits wait on outputs only this loop drains.
+            threading.Thread(target=self._put_held, args=(held,), name="held-turns", daemon=True).start()
 
     def _put_held(self, held: list[EngineToAsr]) -> None:
         for msg in held:

@@ -35,6 +35,7 @@ from omni2.engine.wire import protocol, ring
 from omni2.engine.wire.codec import ProtocolError
 from omni2.engine.wire.protocol import (
     AsrToLlm,
+    Barrier,
     CancelSession,
     CloseSession,
     EngineToAsr,
@@ -182,7 +183,7 @@ class Worker:
             self._report()
             self.active = len(runner.active())
 
-    def _apply(self, item: Arrived | OpenSession | CloseSession | CancelSession | RestoreSession) -> None:
+    def _apply(self, item: Arrived | OpenSession | CloseSession | CancelSession | RestoreSession | Barrier) -> None:
         runner, msg = self.runner, item
         if isinstance(item, Arrived):
             msg = item.msg
@@ -212,6 +213,8 @@ class Worker:
                 runner.restore(msg)
             except Exception as e:  # the session's next turn is refused by the stage, with a reason
                 log.warning("could not restore session %s: %s", msg.session_id, e)
+        elif isinstance(msg, Barrier):
+            self._control(msg)  # everything the engine sent before it is applied: the inbox keeps arrival order
 
     def _step(self) -> None:
         active = self.runner.active()
@@ -313,7 +316,7 @@ class Worker:
         if isinstance(msg, RingReset):
             if msg.edge in self.reclaim:
                 self.reclaim[msg.edge].set()
-        elif isinstance(msg, (Shutdown, OpenSession, CloseSession, CancelSession, RestoreSession)):
+        elif isinstance(msg, (Shutdown, OpenSession, CloseSession, CancelSession, RestoreSession, Barrier)):
             self.inbox.put(msg)
         else:
             self._bad(f"unexpected control message {type(msg).__name__}")

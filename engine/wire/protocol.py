@@ -123,6 +123,15 @@ class SessionState:
 
 
 @dataclass(slots=True)
+class Barrier:
+    """engine -> worker, and the same message back: the worker answers once it has applied every control message
+    the engine sent it before this one (a replacement's re-opened sessions, before the turns held for it go out)."""
+
+    stage: str
+    seq: int
+
+
+@dataclass(slots=True)
 class SlotCredit:
     """ring consumer -> producer: slot `slot` of segment generation `gen` is free again."""
 
@@ -354,7 +363,7 @@ Event = TextDelta | UnitChunk | AudioDelta | TurnDone | ErrorEvent
 # One byte each, never reused: 0x0_ control, 0x1_ session lifecycle, 0x2_ data plane, 0x4_ user events.
 ENGINE_KINDS: dict[type, int] = {
     WorkerReady: 0x01, Heartbeat: 0x02, Shutdown: 0x03, StageError: 0x04, SlotCredit: 0x05, SessionAck: 0x06,
-    RingReset: 0x07, SessionState: 0x08,
+    RingReset: 0x07, SessionState: 0x08, Barrier: 0x09,
     OpenSession: 0x10, CloseSession: 0x11, CancelSession: 0x12, RestoreSession: 0x13,
     EngineToAsr: 0x20, AsrToLlm: 0x21, LlmToTts: 0x22, LlmToEngine: 0x23, TtsToVocoder: 0x24, TtsToEngine: 0x25,
     VocoderToEngine: 0x26,

@@ -29,6 +29,7 @@ def examples() -> list:
         P.SessionAck("vocoder", "s1", "", 1.0),
         P.SessionAck("vocoder", "s1", "unknown voice 'x'", 1.0),
         P.RingReset("llm_tts"),
+        P.Barrier("asr", 2**40),
         P.Shutdown("bye ✓"),
         P.StageError("vocoder", ["a", "b"], "oom", "ran out of memory 💥", True, 2.0),
         P.SlotCredit(2**31 - 1, 3),
