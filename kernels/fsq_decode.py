@@ -177,7 +177,7 @@ def _fsq_sample_kernel(logit_ptr, ids_ptr, temp_ptr, topk_ptr, topp_ptr, seed_pt
     row_key = _mix32(_mix32(_mix32(seed.to(tl.uint32)) ^ (seed >> 32).to(tl.uint32)) ^ ctr.to(tl.uint32))
     tok = tl.load(ids_ptr + cols, mask=col_ok, other=0)
     hsh = _mix32(row_key[:, None] ^ _mix32(tok.to(tl.uint32))[None, :])
-    u = ((hsh >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    u = ((hsh >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # exact in fp32, below 1: see token_noise
     gumbel = -tl.log(-tl.log(u))
     score = tl.where(keep, x + tl.where(hot[:, None], gumbel, 0.0), -float("inf"))
     best = tl.argmax(score, axis=1)  # first maximum, as torch.argmax

@@ -28,7 +28,9 @@ def token_noise(seeds: torch.Tensor, counters: torch.Tensor, token_ids: torch.Te
     seed_lo, seed_hi = seeds & _M32, (seeds >> 32) & _M32
     key = _mix32(_mix32(_mix32(seed_lo) ^ seed_hi) ^ (counters & _M32))  # (B,)
     h = _mix32(key[:, None] ^ _mix32(token_ids.long())[None, :])  # (B, n)
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: (x + 0.5) / 2**23 is exact in fp32, so u < 1. With 24 bits the top value rounds to 1.0, whose
+    # Gumbel noise is +inf: that token won whatever its logit (or, filtered out, -inf + inf = nan won argmax).
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def uniform_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -47,12 +49,17 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     sorted_x, order = x.sort(dim=-1, descending=True)
     ranks = torch.arange(V, device=x.device)[None, :]
     k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-    keep = ranks < k[:, None]  # ties at the k-th value are cut by sort order, like a fixed-k top-k
+    kth = sorted_x.gather(-1, (k - 1)[:, None])
+    keep = sorted_x >= kth  # ties with the k-th value stay, as in transformers' TopKLogitsWarper
     probs = torch.where(keep, sorted_x, torch.full_like(sorted_x, -float("inf"))).softmax(-1)
     # A token stays if the mass strictly above it is below top_p; the first token always stays, and
     # top_p = 1 is off (a float cumsum can reach 1.0 before the tail and would cut it).
     mass_before = probs.cumsum(-1) - probs
-    keep &= (mass_before < top_p[:, None]) | (ranks == 0) | (top_p[:, None] >= 1.0)
+    keep_p = (mass_before < top_p[:, None]) | (ranks == 0) | (top_p[:, None] >= 1.0)
+    # A tie group's first token in sort order has the mass strictly above the group: the whole group stays with it
+    # (as the Triton sampler decides by value, not by position in a sort).
+    last = torch.where(keep_p, sorted_x, torch.full_like(sorted_x, float("inf"))).amin(-1, keepdim=True)
+    keep &= sorted_x >= last
     kept_sorted = torch.where(keep, sorted_x, torch.full_like(sorted_x, -float("inf")))
     return torch.full_like(x, -float("inf")).scatter(-1, order, kept_sorted)
 

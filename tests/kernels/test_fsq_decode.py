@@ -86,6 +86,24 @@ def test_sampled_equals_reference_step_by_step(force_triton, full_vocab):
     assert len({t for row in ours for t in row}) > 30  # really sampled, not one argmax
 
 
+def test_tied_logits_sample_as_the_reference(force_triton):
+    """Head rows that are copies of one another give logits tied exactly at the top-k boundary: both keep every
+    token tied with the k-th one (as transformers does), so they draw the same ids."""
+    W = head()
+    h = hidden_states(6)
+    top = (h @ W[UNIT0:UNIT0 + 6561].T).argmax(-1)
+    for b, u in enumerate(top.tolist()):
+        W[UNIT0 + (u + 1 + b) % 6561] = W[UNIT0 + u]  # a twin of each row's best unit
+    params = seeded([SamplingParams(1.0, 1, 1.0)] * 3 + [SamplingParams(1.0, 2, 1.0)] * 3, base=11)
+    twins = set()
+    for step in range(16):
+        args = row_args(params, [step] * 6)
+        ours = fsq_decode_triton(h, W, UNIT0, 6561, EOS, *args)
+        assert ours.tolist() == fsq_decode_ref(h, W, UNIT0, 6561, EOS, *args).tolist()
+        twins |= set(ours[:3].tolist())
+    assert len(twins) > 3  # top_k 1 drew both of a row's tied units, not only the first in sort order
+
+
 def test_bf16_head_sampled_equals_reference(force_triton):
     params = seeded(MIXED[:4], base=5)
     W = head(dtype=torch.bfloat16)
