@@ -104,6 +104,7 @@ class LLMStage:
         prefer_planless_attention(device)
         self.lm = lm.to(device=device, dtype=dtype).eval()
         self.tok, self.speech_id, self.eos_ids = tokenizer, speech_token_id, frozenset(eos_ids)
+        self.specials = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
         self.limits, self.device, self.dtype = limits, torch.device(device), dtype
         self.cache, self.graphs = slot_cache(self.lm, limits.max_sessions, limits.max_context, self.device, dtype,
                                              cuda_graphs)
@@ -231,10 +232,8 @@ class LLMStage:
             messages.append({"role": "user", "content": "<speech>"})
             if i < len(answers):
                 messages.append({"role": "assistant", "content": answers[i]})
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         items, turn = [], 0
-        for t in ids:
+        for t in self._chat_ids(messages):
             if t == self.speech_id:
                 if turn >= len(n_rows):
                     raise LLMError("the chat template produced more <speech> slots than user turns")
@@ -245,6 +244,38 @@ class LLMStage:
         if turn != len(n_rows):
             raise LLMError(f"the chat template kept {turn} of {len(n_rows)} <speech> placeholders")
         return items
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        """The chat template over `messages`, tokenized, as the official code does it. Except for an answer whose
+        text spells an added token (the thinker wrote `<`, `speech`, `>`): read as that token, it would add a
+        speech slot (the official code then fails, and so would every later turn of the session) or end a message
+        early (`<|im_end|>`), so such an answer is tokenized as the plain text it is."""
+        def spelled(m: dict) -> bool:
+            return m["role"] == "assistant" and any(x in m["content"] for x in self.specials)
+
+        if not any(spelled(m) for m in messages):
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        # The template writes each answer verbatim: render it with markers in their place, then tokenize the
+        # template's text around them as usual and the answers with added tokens split.
+        answers = [m["content"] for m in messages if spelled(m)]
+        mark = "\x00"
+        while any(mark in m["content"] for m in messages):
+            mark += "\x00"
+        marked, k = [], 0
+        for m in messages:
+            if spelled(m):
+                m, k = {**m, "content": f"{mark}{k}{mark}"}, k + 1
+            marked.append(m)
+        text = self.tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+        pieces = text.split(mark)  # template, answer index, template, ...
+        ids = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids += self.tok(answers[int(piece)], add_special_tokens=False, split_special_tokens=True).input_ids
+            elif piece:
+                ids += self.tok(piece, add_special_tokens=False).input_ids
+        return ids
 
     def _embed(self, s: _Session, items: list) -> torch.Tensor:
         """(len(items), H): token embeddings, with speech rows taken from the stored turn embeddings."""

@@ -33,16 +33,21 @@ def speech(n, H, seed):
     return torch.randn(n, H, generator=torch.Generator().manual_seed(seed)) * 0.5
 
 
-def oracle_reply(hf, md, turns, answers, max_new):
-    """Greedy reply of the official algorithm; returns (ids, hidden (n, H))."""
-    tok, ids = md.tokenizer(), md.special_ids()
+def chat(turns, answers) -> list[dict]:
     messages = []
     for i in range(len(turns)):
         messages.append({"role": "user", "content": "<speech>"})
         if i < len(answers):
             messages.append({"role": "assistant", "content": answers[i]})
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    return messages
+
+
+def oracle_reply(hf, md, turns, answers, max_new, prompt=None):
+    """Greedy reply of the official algorithm (or to the token ids `prompt`); returns (ids, hidden (n, H))."""
+    tok, ids = md.tokenizer(), md.special_ids()
+    if prompt is None:
+        prompt = tok.apply_chat_template(chat(turns, answers), add_generation_prompt=True)
+        prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     emb = hf.model.embed_tokens
     pieces, turn = [], 0
     for t in prompt:
@@ -339,3 +344,28 @@ def test_a_left_out_turn_does_not_move_the_sampler_on(md):
     turn(b, LLMTurn("x", e0, uid=0, history=[]))
     want = turn(b, LLMTurn("x", e2, uid=2, history=[0]))
     assert [t.token_id for t in got] == [t.token_id for t in want]
+
+
+def test_an_answer_that_spells_an_added_token_is_read_as_text(md, oracle):
+    """The thinker wrote `<`, `speech`, `>`: the official code re-tokenizes the answer's text, reads a `<speech>`
+    token, finds three speech slots for two turns and fails (IndexError), and so would every later turn of the
+    session. Here the next turn reads that answer as the plain tokens it is, and is answered as the official
+    algorithm answers that prompt."""
+    limits = Limits(max_sessions=1, max_context=2048, max_new_tokens=6)
+    tok, H = md.tokenizer(), md.config.thinker.hidden_size
+    e0, e1 = speech(300, H, 21), speech(300, H, 22)
+    answer = tok.encode("use the <", add_special_tokens=False) + tok.encode("speech> tag", add_special_tokens=False)
+    text = tok.decode(answer, skip_special_tokens=True)
+    assert text == "use the <speech> tag" and md.special_ids().speech_token_id in tok.encode(text)
+    st = LLMStage.from_checkpoint(md, limits)
+    st.open("r")
+    st.restore("r", [0], [e0], [answer], [0])
+    got = turn(st, LLMTurn("r", e1, uid=1, history=[0]))
+    # The template around the answer as usual; the answer as its plain tokens.
+    rendered = tok.apply_chat_template(chat([e0, e1], ["\x00"]), add_generation_prompt=True, tokenize=False)
+    before, after = rendered.split("\x00")
+    plain = tok(text, add_special_tokens=False, split_special_tokens=True).input_ids
+    prompt = tok.encode(before, add_special_tokens=False) + plain + tok.encode(after, add_special_tokens=False)
+    ids, hidden = oracle_reply(oracle, md, [e0, e1], None, 6, prompt=prompt)
+    assert [t.token_id for t in got] == ids
+    assert (torch.stack([t.hidden for t in got]) - hidden).abs().max().item() < 1e-4
