@@ -11,6 +11,7 @@ produced it (MODEL_SPEC §1.7-1.8): the pair the speech generator reads.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ from omni2.engine.config import Limits, SamplingParams
 from omni2.stages.decode_graph import slot_cache
 from omni2.stages.layers import Qwen2LM, SlotPool, forward_rows, prefer_planless_attention
 from omni2.stages.sampling import sample
+
+log = logging.getLogger("omni2.llm")
 
 
 class LLMError(RuntimeError):
@@ -118,6 +121,12 @@ class LLMStage:
         with torch.device("meta"):
             lm = Qwen2LM(md.config.thinker)
         md.load_module(lm, "", exclude=THINKER_EXCLUDE, device=device, dtype=dtype)
+        ignored = md.ignored_generation_settings()
+        if ignored:
+            log.warning("%s/generation_config.json sets %s, which the official decoding applies and this engine does "
+                        "not (the sampling options are per session: --greedy, --seed, top_k/top_p/temperature); "
+                        "replies may differ from the official ones", md.path,
+                        ", ".join(f"{k}={v}" for k, v in ignored.items()))
         ids = md.special_ids()
         return cls(lm, md.tokenizer(), ids.speech_token_id, ids.thinker_eos_ids, limits, device, dtype, cuda_graphs)
 

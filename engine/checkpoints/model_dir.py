@@ -13,6 +13,7 @@ holds every tensor's name and shape and the presets.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
 from omni2.engine.checkpoints.vocab import TTS_TOKENIZER_DIR, SpecialIds
 from omni2.engine.config import CheckpointError, ConfigError, ModelConfig
+
+log = logging.getLogger("omni2.checkpoints")
 
 # Key prefixes of the components inside the one official checkpoint (MODEL_SPEC §1.3).
 PREFIX_THINKER = ""
@@ -67,6 +70,17 @@ class ModelDir:
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r}, {len(self.shapes)} tensors)"
 
+    def ignored_generation_settings(self) -> dict[str, Any]:
+        """What generation_config.json asks of the thinker's decoding that this engine does not do. transformers'
+        `generate` applies a repetition penalty even to greedy decoding (run_llama_omni2.py), and the official
+        sampling server takes top_k from this file: replies then differ from the official ones."""
+        gen = self.generation_config or {}
+        ignored = {k: gen[k] for k in ("repetition_penalty", "no_repeat_ngram_size", "encoder_repetition_penalty")
+                   if gen.get(k) not in (None, 0, 1, 1.0)}
+        if gen.get("top_k") not in (None, 0):
+            ignored["top_k"] = gen["top_k"]
+        return ignored
+
     @staticmethod
     def _read_json(path: Path, required: bool = False) -> dict[str, Any] | None:
         if not path.is_file():
@@ -96,7 +110,7 @@ class ModelDir:
             raise CheckpointError(f"no {INDEX_FILE} or {SINGLE_FILE} in {self.path}")
         for fname, names in sorted(listed.items()):
             # HF loads whole shard files, so a shard's tensors count even when the index forgets one.
-            with safe_open(self.path / fname, framework="pt") as sf:
+            with _open_safetensors(self.path / fname) as sf:
                 for k in sf.keys():
                     if k in self.files:
                         raise CheckpointError(f"tensor {k} is stored twice: {self.files[k].name} and {fname}")
@@ -148,7 +162,7 @@ class ModelDir:
         """One tensor, cast to `dtype` (floating tensors only) and moved to `device`."""
         if name not in self.files:
             raise CheckpointError(f"no tensor {name} in {self.path}")
-        with safe_open(self.files[name], framework="pt") as sf:
+        with _open_safetensors(self.files[name]) as sf:
             return _convert(sf.get_tensor(name), device, dtype)
 
     def _tied(self, prefix: str) -> bool:
@@ -177,6 +191,10 @@ class ModelDir:
         if _HEAD in expected and _EMBED in expected:
             if _EMBED in local and _HEAD not in local:
                 alias = (_HEAD, _EMBED)
+                if not tied:  # transformers would start this head at random; a tied head is the likelier intent
+                    log.warning("%s: no %s%s although tie_word_embeddings is false: the head reads the input "
+                                "embeddings (a checkpoint that lost its head would answer wrongly)", self.path,
+                                prefix, _HEAD)
             elif _HEAD in local and _EMBED not in local and tied:
                 alias = (_EMBED, _HEAD)
         missing = [k for k in expected if k not in local and (alias is None or k != alias[0])]
@@ -204,7 +222,7 @@ class ModelDir:
             by_file.setdefault(self.files[n], []).append(n)
         with tqdm(total=len(names), desc=f"load {prefix or 'thinker'}", unit="t", disable=None if big else True) as bar:
             for path, file_names in by_file.items():
-                with safe_open(path, framework="pt") as sf:
+                with _open_safetensors(path) as sf:
                     for n in file_names:
                         _assign(module, n[len(prefix):], _convert(sf.get_tensor(n), device, dtype))
                         bar.update(1)
@@ -246,3 +264,10 @@ def _share(module: nn.Module, target: str, source: str) -> None:
     src_owner, _, src_attr = source.rpartition(".")
     dst_owner, _, dst_attr = target.rpartition(".")
     module.get_submodule(dst_owner)._parameters[dst_attr] = module.get_submodule(src_owner)._parameters[src_attr]
+
+
+def _open_safetensors(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:  # cut short (an interrupted download), empty, or not safetensors
+        raise CheckpointError(f"cannot read {path}: {e} (a download cut short? fetch this file again)") from e

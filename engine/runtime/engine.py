@@ -41,6 +41,7 @@ from omni2.engine.checkpoints.vocoder_dir import VocoderDir
 from omni2.engine.config import (
     DTYPE_BYTES,
     STAGES,
+    CheckpointError,
     EngineConfig,
     ModelConfig,
     Placement,
@@ -290,7 +291,10 @@ class Engine:
                                   f"GB, past the {budget / 1e9:.2f} GB budget (close a session, or use a bounded "
                                   "vocoder memory mode: --vocoder-left-chunks)")
             if options.voice not in self.voices():
-                raise EngineError("unknown_voice", f"no voice {options.voice!r}; voices: {', '.join(self.voices())}")
+                try:
+                    self.vocoder_dir.voice_file(options.voice)
+                except CheckpointError as e:  # which voices there are, and how to add one
+                    raise EngineError("unknown_voice", str(e)) from None
             s = _Session(session_id, f"s{next(self._keys)}", options, flow_bytes)
             self._sessions[session_id] = self._by_key[s.key] = s
             ack = self._acks[s.key] = _OpenAck()

@@ -60,7 +60,11 @@ def serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
                  engine_cfg.placement)
         t0 = time.monotonic()
         engine.start()
-        log.info("engine ready in %.1f s; voices: %s", time.monotonic() - t0, ", ".join(engine.voices()))
+        log.info("engine ready in %.1f s; voices: %s", time.monotonic() - t0, ", ".join(engine.voices()) or "none")
+        if not engine.voices():  # an official cosy2_decoder has none: every session would be refused
+            log.warning("no voices in %s: sessions are refused until one is added, e.g. `omni2-engine voice add "
+                        "default --wav llama_omni2/inference/prompt_en.wav --vocoder-dir %s` (the official "
+                        "prompt)", engine.vocoder_dir.path, engine.vocoder_dir.path)
         for sig in old:
             signal.signal(sig, while_serving)
         log.info("ready on %s%s", endpoint, "" if cfg.token is None else " (token required)")

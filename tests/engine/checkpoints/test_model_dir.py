@@ -1,5 +1,6 @@
 import filecmp
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -245,7 +246,7 @@ def _set_tie(prefix: str, value: bool):
 @pytest.mark.parametrize("drop,tie,ok", [("lm_head.weight", True, True), ("lm_head.weight", False, True),
                                          ("model.embed_tokens.weight", True, True),
                                          ("model.embed_tokens.weight", False, False)])
-def test_tied_head_aliasing(ckpt_copy: Path, prefix: str, drop: str, tie: bool, ok: bool):
+def test_tied_head_aliasing(ckpt_copy: Path, prefix: str, drop: str, tie: bool, ok: bool, caplog):
     exclude = THINKER_EXCLUDE if prefix == "" else ()
     module = _component(ModelDir(ckpt_copy), prefix, exclude)
     kept = "model.embed_tokens.weight" if drop == "lm_head.weight" else "lm_head.weight"
@@ -256,9 +257,13 @@ def test_tied_head_aliasing(ckpt_copy: Path, prefix: str, drop: str, tie: bool, 
         with pytest.raises(CheckpointError, match=f"missing tensor {prefix}{drop}"):
             md.load_module(module, prefix, exclude=exclude)
         return
-    md.load_module(module, prefix, exclude=exclude)
+    with caplog.at_level(logging.WARNING, logger="omni2.checkpoints"):
+        md.load_module(module, prefix, exclude=exclude)
     assert module.lm_head.weight is module.model.embed_tokens.weight
     assert torch.equal(module.lm_head.weight, md.get_tensor(prefix + kept))
+    # The config says untied and the head is gone: transformers would start it at random; loaded tied, with a word.
+    warned = f"no {prefix}lm_head.weight although tie_word_embeddings is false" in caplog.text
+    assert warned == (drop == "lm_head.weight" and not tie)
 
 
 class _Projector(nn.Module):
@@ -284,3 +289,23 @@ def test_non_persistent_buffers(tiny_ckpt: Path):
     assert not m.linear1.weight.is_meta
     with pytest.raises(CheckpointError, match="inv_freq"):
         md.load_module(_Projector(recompute=False), PREFIX_PROJECTOR)
+
+
+@pytest.mark.parametrize("cut", [0, 5, "half"])
+def test_a_shard_cut_short_is_named(ckpt_copy: Path, cut):
+    """An interrupted download: empty, a few bytes, or half a shard. One CheckpointError naming the file."""
+    shard = sorted(ckpt_copy.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2 if cut == "half" else cut])
+    with pytest.raises(CheckpointError, match=f"cannot read {shard}: .*fetch this file again"):
+        ModelDir(ckpt_copy)
+
+
+def test_generation_settings_the_engine_does_not_apply_are_named(ckpt_copy: Path):
+    """Qwen2.5-Instruct's generation_config.json asks for a repetition penalty (applied by transformers even to
+    greedy decoding) and top_k 20 (the official sampling server's): the thinker stage warns that it does neither."""
+    assert ModelDir(ckpt_copy).ignored_generation_settings() == {}
+    gen = json.loads((ckpt_copy / "generation_config.json").read_text())
+    gen.update(repetition_penalty=1.05, top_k=20, top_p=0.8, temperature=0.7, do_sample=True)
+    (ckpt_copy / "generation_config.json").write_text(json.dumps(gen))
+    assert ModelDir(ckpt_copy).ignored_generation_settings() == {"repetition_penalty": 1.05, "top_k": 20}

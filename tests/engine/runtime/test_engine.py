@@ -200,6 +200,7 @@ def test_session_errors_are_clear(engine):
     with pytest.raises(EngineError) as e:
         engine.open("v", session_options(voice="nobody"))
     assert e.value.code == "unknown_voice"
+    assert "(known voices: default); add one with `omni2-engine voice add nobody --wav" in e.value.message
     with pytest.raises(EngineError) as e:
         engine.submit("ghost", speech(0))
     assert e.value.code == "unknown_session"
