@@ -618,10 +618,14 @@ def is_loopback(bind: str) -> bool:
         return False  # "*", an interface name or a DNS name: reachable from elsewhere
 
 
+def check_endpoint(address: str, flag: str) -> None:
+    if not re.fullmatch(r"(tcp|ipc|inproc)://.+", address):
+        raise ConfigError(f"{flag} {address!r} is not a ZMQ endpoint such as tcp://127.0.0.1:5555")
+
+
 def check_bind(bind: str, token: str | None, authenticated: bool = False) -> None:
     """A bind other than loopback needs a token or CURVE client authentication (`authenticated`)."""
-    if not re.fullmatch(r"(tcp|ipc|inproc)://.+", bind):
-        raise ConfigError(f"--bind {bind!r} is not a ZMQ endpoint such as tcp://127.0.0.1:5555")
+    check_endpoint(bind, "--bind")
     if not is_loopback(bind) and not token and not authenticated:
         raise ConfigError(f"refusing to bind {bind}: it is reachable from other machines and no --token-file was "
                           f"given. Anyone who can connect could run the model; pass --token-file FILE (clients "

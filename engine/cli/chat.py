@@ -13,11 +13,12 @@ import json
 import math
 import queue
 import sys
+import threading
 import time
 
 import numpy as np
 
-from omni2.engine.audio import SAMPLE_RATE, prepare_audio, read_wav, write_wav
+from omni2.engine.audio import SAMPLE_RATE, prepare_audio, read_wav
 from omni2.engine.cli.reply import Reply
 from omni2.engine.client import Client, ClientError, RemoteError, to_float
 from omni2.engine.wire import protocol as P
@@ -98,17 +99,22 @@ def sounddevice():
 
 
 class Player:
-    """Reply audio waiting for the speaker; the output callback pulls from it, silence when empty."""
+    """Reply audio waiting for the speaker; the output callback pulls from it, silence when empty. A lock: a
+    barge-in's clear() landing inside the callback would make it raise (PortAudio then never calls it again) or
+    put a piece of the cut reply back in front of the next one."""
 
     def __init__(self):
         self.buf: collections.deque[np.ndarray] = collections.deque()
         self.played = 0  # samples handed to the device
+        self.lock = threading.Lock()
 
     def push(self, pcm: np.ndarray) -> None:
-        self.buf.append(np.asarray(pcm, np.float32))
+        with self.lock:
+            self.buf.append(np.asarray(pcm, np.float32))
 
     def clear(self) -> None:
-        self.buf.clear()
+        with self.lock:
+            self.buf.clear()
 
     @property
     def idle(self) -> bool:
@@ -117,15 +123,16 @@ class Player:
     def callback(self, outdata, frames, time_info, status) -> None:  # PortAudio's thread
         out = outdata[:, 0]
         n = 0
-        while n < frames and self.buf:
-            head = self.buf[0]
-            k = min(frames - n, head.size)
-            out[n:n + k] = head[:k]
-            n += k
-            if k == head.size:
-                self.buf.popleft()
-            else:
-                self.buf[0] = head[k:]
+        with self.lock:
+            while n < frames and self.buf:
+                head = self.buf[0]
+                k = min(frames - n, head.size)
+                out[n:n + k] = head[:k]
+                n += k
+                if k == head.size:
+                    self.buf.popleft()
+                else:
+                    self.buf[0] = head[k:]
         out[n:] = 0.0
         self.played += n
 
@@ -175,14 +182,18 @@ class TurnDetector:
 
 
 def run_mic(args) -> int:
-    """`chat --mic`: capture, detect turns, stream replies to the speaker, barge in. Ctrl-C ends it."""
+    """`chat --mic`: capture, detect turns, stream replies to the speaker, barge in. Ctrl-C ends it; --out and
+    --json then get the last reply that ended (cut by a barge-in: what was heard of it)."""
+    last: list[Reply] = []
+    rc = 0
     try:
         sd = sounddevice()
         with _client(args) as c:
             s = c.open(**_open_options(args))
             try:
-                return _converse(sd, c, s, args)
-            except KeyboardInterrupt:
+                _converse(sd, c, s, args, last)
+                s.close()
+            except BaseException:
                 try:  # free the session (and cancel its reply) now, not after the daemon's reclaim timeout
                     s.close(timeout=2)
                 except ClientError:
@@ -190,13 +201,15 @@ def run_mic(args) -> int:
                 raise
     except ClientError as e:
         print(f"\nomni2-engine chat: error: {e}", file=sys.stderr)
-        return 1
+        rc = 1
     except KeyboardInterrupt:
         print("\nbye", file=sys.stderr)
-        return 0
+    if args.out and last:
+        last[-1].save(args.out, args.json)
+    return rc
 
 
-def _converse(sd, c: Client, s, args) -> int:
+def _converse(sd, c: Client, s, args, last: list[Reply]) -> None:
     mic: queue.Queue = queue.Queue()
     player = Player()
     detector = TurnDetector(args.vad_db, args.silence_ms)
@@ -206,8 +219,11 @@ def _converse(sd, c: Client, s, args) -> int:
     def on_audio(indata, frames, time_info, status):  # PortAudio's thread: copy out, nothing else
         mic.put(indata[:, 0].copy())
 
-    ins = sd.InputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=block, callback=on_audio)
-    outs = sd.OutputStream(samplerate=s.sample_rate, channels=1, dtype="float32", callback=player.callback)
+    try:
+        ins = sd.InputStream(samplerate=SAMPLE_RATE, channels=1, dtype="float32", blocksize=block, callback=on_audio)
+        outs = sd.OutputStream(samplerate=s.sample_rate, channels=1, dtype="float32", callback=player.callback)
+    except Exception as e:  # sounddevice.PortAudioError: no device (a machine without sound), a rate it refuses
+        raise ClientError(f"cannot open the audio devices: {e} (`python -m sounddevice` lists them)") from None
     print(f"listening (speech above {args.vad_db:g} dBFS; {args.silence_ms} ms of silence ends a turn; "
           f"Ctrl-C quits)", file=sys.stderr)
     with ins, outs:
@@ -247,10 +263,9 @@ def _converse(sd, c: Client, s, args) -> int:
                 elif isinstance(ev, P.ResponseDone):
                     in_flight = False
                     replies += 1
+                    pcm = np.concatenate(last_pcm) if last_pcm else np.zeros(0, np.float32)
+                    last[:] = [Reply(ev.text, ev.token_ids, ev.units, pcm, s.sample_rate, ev.finish_reason,
+                                     ev.timings)]
                     print(f"  [{ev.finish_reason}]", flush=True)
         while not player.idle and not cut:  # let the last reply finish playing
             time.sleep(0.02)
-    if args.out and last_pcm:
-        write_wav(args.out, np.concatenate(last_pcm), s.sample_rate)
-    s.close()
-    return 0

@@ -16,6 +16,7 @@ from omni2.engine.config import (
     ConfigError,
     Limits,
     VocoderOptions,
+    check_endpoint,
     parse_left_chunks,
 )
 
@@ -196,7 +197,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     vocoder_options(args)
     _check_devices([args.device])
     from omni2.engine.cli import generate
+    from omni2.engine.cli.reply import check_writable
 
+    check_writable(out=args.out, json=args.json)  # not after minutes of loading and generating
     return generate.main(args)
 
 
@@ -369,8 +372,10 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--wav", help="the question (any sample rate; mono or stereo)")
     src.add_argument("--mic", action="store_true", help="live conversation through the default audio devices")
-    p.add_argument("--out", help="reply WAV to write (24 kHz; required with --wav; with --mic: the last reply)")
-    p.add_argument("--json", help="also write text, token_ids, units and timings here (as `generate` does)")
+    p.add_argument("--out", help="reply WAV to write (24 kHz; required with --wav; with --mic: the last reply, "
+                                 "written when the chat ends, Ctrl-C included)")
+    p.add_argument("--json", help="also write text, token_ids, units and timings here (as `generate` does; with "
+                                  "--mic: of the last reply)")
     p.add_argument("--connect", default=_ADDRESS, help=f"the daemon's address (default {_ADDRESS})")
     _add_client_auth(p)
     p.add_argument("--voice", default="default", help="speaker voice name")
@@ -392,11 +397,14 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 def _run_chat(args: argparse.Namespace) -> int:
     from omni2.engine.cli import chat
+    from omni2.engine.cli.reply import check_writable
 
     args.token = _read_token(args.token_file) or ""
     if args.wav is not None and not args.out:
         raise ConfigError("--wav needs --out (where to write the reply audio)")
     _check_positive(args, "max_new_tokens")  # here, not as the daemon's bad_value after connecting
+    _check_client(args)
+    check_writable(out=args.out, json=args.json)
     return chat.run_mic(args) if args.mic else chat.run_wav(args)
 
 
@@ -413,7 +421,14 @@ def _run_status(args: argparse.Namespace) -> int:
     from omni2.engine.cli import chat
 
     args.token = _read_token(args.token_file) or ""
+    _check_client(args)
     return chat.run_status(args)
+
+
+def _check_client(args: argparse.Namespace) -> None:
+    check_endpoint(args.connect, "--connect")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
 
 
 # -- demo ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,26 @@ from pathlib import Path
 import numpy as np
 
 from omni2.engine.audio import write_wav
+
+
+class OutputError(ValueError):
+    """An output file that cannot be written (one line for the user, as any bad argument)."""
+
+
+def check_writable(**paths) -> None:
+    """Before the work: each given output (flag name -> path, None = not asked for) can be created where it is
+    asked for, so that a reply computed for minutes is not lost to a typo in a directory name."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise OutputError(f"--{flag} {path} is a directory; give a file name")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise OutputError(f"--{flag} {path}: there is no directory {parent}")
+        if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            raise OutputError(f"--{flag} {path}: not writable")
 
 
 @dataclass
@@ -28,12 +49,24 @@ class Reply:
                 "samples": int(self.pcm.size), "timings": self.timings}
 
     def save(self, out, json_path=None, first_audio: str = "") -> None:
-        """Write the reply WAV (and reply.json), and say what was written; shared by `generate` and `chat`."""
-        write_wav(out, self.pcm if self.pcm.size else np.zeros(1, np.float32), self.sample_rate)
+        """Write the reply WAV (and reply.json), and say what was written; shared by `generate` and `chat`. Each
+        is written beside its target under a temporary name, and both are renamed into place once both are
+        written: a failure leaves no half-written file, and no WAV without the JSON asked for."""
+        targets = [Path(out)] + ([Path(json_path)] if json_path else [])
+        temps = [t.with_name(f".{t.name}.{os.getpid()}.part") for t in targets]
+        try:
+            write_wav(temps[0], self.pcm if self.pcm.size else np.zeros(1, np.float32), self.sample_rate)
+            if json_path:
+                temps[1].write_text(json.dumps(self.to_json(), indent=1))
+            for tmp, target in zip(temps, targets):
+                tmp.replace(target)
+        except (OSError, RuntimeError) as e:  # RuntimeError: soundfile's own error type
+            raise OutputError(f"cannot write {', '.join(map(str, targets))}: {e}") from e
+        finally:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
         if not first_audio:
             first_audio = f"{self.timings.get('first_audio', float('nan')) * 1e3:.0f} ms"
         print(f"wrote {out}: {self.pcm.size / self.sample_rate:.2f} s of audio, {len(self.units)} units, "
               f"{len(self.token_ids)} text tokens ({self.finish_reason}); first audio after {first_audio}",
               file=sys.stderr)
-        if json_path:
-            Path(json_path).write_text(json.dumps(self.to_json(), indent=1))

@@ -103,10 +103,8 @@ class Gather:
 
 
 def dealer_socket(ctx: zmq.Context, address: str, curve_server_key: str | None = None,
-            curve_secret_file: str | None = None) -> zmq.Socket:
+                  curve_secret_file: str | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
-    if curve_server_key is not None:
-        curve_client(sock, curve_server_key, curve_secret_file)
     # A fixed routing id: after a network blip the daemon still knows this connection (and its sessions).
     sock.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
     sock.setsockopt(zmq.LINGER, 0)
@@ -115,7 +113,19 @@ def dealer_socket(ctx: zmq.Context, address: str, curve_server_key: str | None =
     sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-    sock.connect(address)
+    try:
+        if curve_server_key is not None:
+            curve_client(sock, curve_server_key, curve_secret_file)
+        sock.connect(address)
+    except zmq.ZMQError as e:
+        sock.close()
+        raise ClientError(f"cannot connect to {address!r}: {e} (an address is tcp://HOST:PORT or ipc://PATH)") from None
+    except OSError as e:  # zmq.auth: a certificate file that is not there or not one
+        sock.close()
+        raise ClientError(f"cannot read a CURVE key: {e}") from None
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

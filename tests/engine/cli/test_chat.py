@@ -2,6 +2,7 @@
 model), `chat --wav` == `generate`, and `chat --mic` with sounddevice replaced by a file-fed fake device."""
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni2.engine.audio import write_wav
+from omni2.engine.audio import read_wav, write_wav
 from omni2.engine.cli import chat
 from omni2.engine.cli import main as cli
 from omni2.engine.cli.chat import BLOCK_MS, TurnDetector
@@ -185,18 +186,56 @@ class FakeSoundDevice:
 
 
 def test_chat_mic_with_barge_in(daemon, monkeypatch, capfd, tmp_path):
+    """Until Ctrl-C (the default): the user speaks, talks over the reply (cancelled), and the second reply plays
+    out; Ctrl-C after it ends the chat (exit 0) and writes that reply to --out and --json."""
     daemon.wait_ready()
     fake = FakeSoundDevice(speech(1.0, seed=8), speech(0.6, seed=9))
     monkeypatch.setattr(chat, "sounddevice", lambda: fake)
-    rc = cli.main(["chat", "--mic", "--turns", "2", "--seed", "0", "--max-new-tokens", "6", "--out",
-                   str(tmp_path / "last.wav")])
+    ended = []
+
+    class Reply(chat.Reply):  # Ctrl-C once the second reply has ended
+        def __init__(self, *args):
+            super().__init__(*args)
+            ended.append(self)
+            if len(ended) == 2:
+                threading.Timer(0.2, _thread.interrupt_main).start()
+
+    monkeypatch.setattr(chat, "Reply", Reply)
+    out_wav, out_json = tmp_path / "last.wav", tmp_path / "last.json"
+    rc = cli.main(["chat", "--mic", "--seed", "0", "--max-new-tokens", "6", "--out", str(out_wav), "--json",
+                   str(out_json)])
     out, err = capfd.readouterr()
     assert rc == 0, err
-    assert "[barge-in]" in err and "[cancelled]" in out, (out, err)
+    assert "[barge-in]" in err and "[cancelled]" in out and "bye" in err, (out, err)
     assert out.count("omni2: ") == 2 and ("[length]" in out or "[stop]" in out)
-    assert fake.played and (tmp_path / "last.wav").is_file()
+    assert fake.played and [r.finish_reason for r in ended][0] == "cancelled"
+    doc = json.loads(out_json.read_text())
+    assert doc["finish_reason"] == ended[1].finish_reason != "cancelled" and doc["units"] == ended[1].units
+    pcm, rate = read_wav(out_wav)
+    assert rate == doc["sample_rate"] and pcm.size == doc["samples"] == ended[1].pcm.size > 0
     with daemon.client() as c:
         assert c.status()["sessions"] == 0
+
+
+def test_chat_mic_without_an_audio_device_is_one_line_and_closes_its_session(daemon, monkeypatch, capsys):
+    """A machine without sound (PortAudio installed): the device error in one line, and the session it opened is
+    closed at once, not left for the daemon's reclaim."""
+    class NoDevice:
+        class PortAudioError(Exception):
+            pass
+
+        def InputStream(self, **kw):
+            raise self.PortAudioError("Error querying device -1")
+
+    monkeypatch.setattr(chat, "sounddevice", NoDevice)
+    with daemon.client() as c:
+        before = c.status()["sessions"]
+    assert cli.main(["chat", "--mic"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("omni2-engine chat: error: cannot open the audio devices: Error querying "
+                                            "device -1 (`python -m sounddevice` lists them)"), err
+    with daemon.client() as c:
+        assert c.status()["sessions"] == before
 
 
 def test_chat_mic_without_portaudio_says_what_to_install(monkeypatch, capsys):

@@ -201,6 +201,44 @@ def test_more_new_tokens_than_the_tts_lm_can_voice_are_refused_before_anything_l
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(guard, question, tiny_ckpt, tiny_vocoder,
+                                                                     tmp_path, capsys, flag):
+    """A typo in a directory name used to cost the whole reply (generate: a traceback after generating it; with
+    --json, the WAV written and then the error)."""
+    files = {"--out": tmp_path / "r.wav", "--json": tmp_path / "r.json"}
+    bad = {"--out": tmp_path / "nodir" / "r.wav", "--json": tmp_path / "nodir" / "r.json"}[flag]
+    files[flag] = bad
+    outs = [x for f, path in files.items() for x in (f, path)]
+    gen = ["generate", "--model-dir", tiny_ckpt, "--vocoder-dir", tiny_vocoder, "--wav", question, *outs]
+    want = f"{PROG}{flag} {bad}: there is no directory {bad.parent}"
+    assert run(gen, capsys) == want
+    assert run(["chat", "--wav", question, *outs], capsys) == want  # the guard refuses a connection
+    assert run(["chat", "--mic", *outs], capsys) == want
+    files[flag] = tmp_path
+    assert run([*gen[:-4], *[x for f, path in files.items() for x in (f, path)]], capsys) == \
+        f"{PROG}{flag} {tmp_path} is a directory; give a file name"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.wav"]  # nothing written, not even the demo cache
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--connect", "foo"], "--connect 'foo' is not a ZMQ endpoint such as tcp://127.0.0.1:5555"),
+    (["--connect", "127.0.0.1:5555"], "--connect '127.0.0.1:5555' is not a ZMQ endpoint such as tcp://127.0.0.1:5555"),
+    (["--timeout", "-1"], "--timeout must be > 0 seconds, got -1"),
+    (["--timeout", "0"], "--timeout must be > 0 seconds, got 0"),
+])
+def test_client_options_are_checked_before_connecting(guard, question, tmp_path, capsys, option, message):
+    assert run(["status", *option], capsys) == PROG + message
+    assert run(["chat", "--wav", question, "--out", tmp_path / "r.wav", *option], capsys) == PROG + message
+
+
+def test_a_curve_key_that_cannot_be_read_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "server.key"
+    assert cli.main(["status", "--connect", "tcp://127.0.0.1:1", "--curve-server-key", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"omni2-engine status: error: cannot read a CURVE key: Invalid certificate file: {missing}\n", err
+
+
 # -- voice add -------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def store(tiny_vocoder, tmp_path):
