@@ -91,7 +91,7 @@ class Config:
 
 def parse_schedule(s: str) -> tuple[str, int | None]:
     name, _, hop = s.partition(":")
-    if name not in ("live", "official-live", "hop") or (hop and (name != "hop" or not hop.isdigit())):
+    if name not in ("live", "official-live", "hop") or (hop and (name != "hop" or not hop.isdigit() or int(hop) < 1)):
         raise argparse.ArgumentTypeError(f"schedule {s!r} is not live, official-live, hop or hop:N")
     return name, int(hop) if hop else None
 
@@ -333,7 +333,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds without an event before a turn fails")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-reference", action="store_true", help="check replies against the baseline instead")
-    ap.add_argument("--out", help="results folder (default bench/results/latency-<preset>[-quick])")
+    ap.add_argument("--out", help="results folder (default bench/results/latency-<preset, model dir name or "
+                                  "connect>[-quick])")
     ap.add_argument("--no-png", dest="png", action="store_false")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -378,7 +379,10 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     started, t_start = datetime.datetime.now(datetime.timezone.utc), time.monotonic()
-    out = Path(args.out or RESULTS / f"latency-{args.preset}{'-quick' if args.quick else ''}")
+    # A given model directory is no preset: its results must not land in (and overwrite) the preset's.
+    name = Path(args.model_dir).name if args.model_dir else ("connect" if args.connect and not args.ckpt_root
+                                                             else args.preset)
+    out = Path(args.out or RESULTS / f"latency-{name}{'-quick' if args.quick else ''}")
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or default_worker_threads()
     torch.set_num_threads(threads)  # as the workers: equal replies need equal reduction orders
@@ -387,7 +391,7 @@ def main(argv=None) -> int:
     stream = (StreamParams.parse(json.loads((model_dir / "config.json").read_text()).get("stream_params"))
               if model_dir else StreamParams())
     plan = configs(args, stream.read, stream.write)
-    daemons = sorted({(c.read, c.write, c.schedule, c.token_hop, c.mode) for c in plan})
+    daemons = sorted({(c.read, c.write, c.schedule, c.token_hop or 0, c.mode) for c in plan})  # hop None: 0
     if args.connect and len(daemons) > 1:
         raise SystemExit("--connect measures one daemon: give one value each of --read/--write/--schedule/--mode")
     systems = [n for n, skip in (("baseline", args.skip_baseline), ("reference", args.skip_reference)) if not skip]
@@ -397,8 +401,10 @@ def main(argv=None) -> int:
     doc = {"schema": SCHEMA_ID, "command": [sys.executable, *sys.argv] if argv is None else ["latency.py", *argv],
            "started": started.isoformat(timespec="seconds"), "wall_s": None, "machine": machine(),
            "device": device(args), "torch": torch.__version__,
-           "settings": {"preset": None if args.model_dir else args.preset, "model_dir": str(model_dir),
-                        "vocoder_dir": str(vocoder_dir), "connect": args.connect, "threads": threads,
+           "settings": {"preset": None if args.model_dir else args.preset,
+                        "model_dir": str(model_dir) if model_dir else None,
+                        "vocoder_dir": str(vocoder_dir) if vocoder_dir else None, "connect": args.connect,
+                        "threads": threads,
                         "max_new_tokens": args.max_new_tokens, "turns": args.turns, "seeds": list(args.seeds),
                         "arrivals": args.arrivals, "rate": args.rate, "gap_s": args.gap, "listen": args.listen,
                         "baseline_schedule": args.baseline_schedule, "systems": ["engine", *systems],
@@ -413,8 +419,8 @@ def main(argv=None) -> int:
     bar = tqdm(total=total, unit="turn", desc="latency", dynamic_ncols=True)
     try:
         for r, w, schedule, hop, mode in daemons:
-            group = [c for c in plan if (c.read, c.write, c.schedule, c.token_hop, c.mode) == (r, w, schedule, hop,
-                                                                                          mode)]
+            group = [c for c in plan if (c.read, c.write, c.schedule, c.token_hop or 0, c.mode) == (r, w, schedule,
+                                                                                               hop, mode)]
             variant = with_stream(model_dir, r, w, twins) if model_dir else None
             results = []
             for cfg in group:
@@ -430,13 +436,14 @@ def main(argv=None) -> int:
                 bar.set_postfix_str(f"R{r}W{w} {schedule} {mode}: starting the daemon")
                 spec = DaemonSpec(str(variant), str(vocoder_dir), placement=args.placement, dtype=args.dtype,
                                   threads=threads, max_sessions=max(args.concurrency),
-                                  max_new_tokens=args.max_new_tokens, schedule=schedule, token_hop=hop,
+                                  max_new_tokens=args.max_new_tokens, schedule=schedule, token_hop=hop or None,
                                   left_chunks=args.vocoder_left_chunks, offline=mode == "offline",
                                   cuda_graphs=args.cuda_graphs, vocoder_batch=args.vocoder_batch)
                 daemon = bench_daemon(spec, out / "logs" / f"daemon-r{r}w{w}-{schedule}{hop or ''}-{mode}.log")
                 address = daemon.start()
             try:
-                warm = Load(1, 1, (args.seeds[0],), group[0].question_s, listen=False, timeout_s=args.timeout)
+                warm = Load(1, 1, (args.seeds[0],), group[0].question_s, listen=False, timeout_s=args.timeout,
+                            max_new_tokens=args.max_new_tokens)
                 drive(address, warm, args.token)  # lazy initialisation in every worker: not recorded
                 for cfg, single in results:
                     entry = {"name": cfg.name, "read": cfg.read, "write": cfg.write, "schedule": cfg.schedule,
@@ -450,7 +457,7 @@ def main(argv=None) -> int:
                     for n in args.concurrency:
                         bar.set_postfix_str(f"{cfg.name}: engine x{n}")
                         load = Load(n, args.turns, tuple(args.seeds), cfg.question_s, args.arrivals, args.rate,
-                                    args.gap, args.listen, args.timeout)
+                                    args.gap, args.listen, args.timeout, args.max_new_tokens)
                         turns, stages = drive(address, load, args.token, on_turn=bar.update)
                         entry["cells"].append(cell_result(single, load, turns, stages))
                         path.write_text(json.dumps({**doc, "configs": [*doc["configs"], entry]}, indent=1) + "\n")

@@ -43,6 +43,7 @@ class Load:
     gap_s: float = 0.5  # thinking time between hearing a reply out and starting the next question
     listen: bool = True  # False: the next question follows response.done, not the end of playback
     timeout_s: float = 600.0
+    max_new_tokens: int | None = None  # the cap each session asks for (None: the daemon's own limit)
 
     def seed_of(self, session: int) -> int:
         return self.seeds[session % len(self.seeds)]
@@ -167,7 +168,7 @@ async def _sample_status(c: AsyncClient, traces: dict[str, _StageTrace], stop: a
 async def _session(address: str, token: str, k: int, load: Load, due: float, records: list, on_turn) -> None:
     seed = load.seed_of(k)
     async with AsyncClient(address, token=token, timeout=load.timeout_s) as c:
-        s = await c.open(f"bench-{k}", seed=seed)
+        s = await c.open(f"bench-{k}", seed=seed, max_new_tokens=load.max_new_tokens)
         for turn in range(load.turns):
             await s.append(question(load.question_s, question_seed(seed, turn)), QUESTION_RATE)  # while speaking
             await asyncio.sleep(max(0.0, due - time.perf_counter()))

@@ -57,9 +57,10 @@ DOCUMENT = {
     "machine": {"hostname": str, "platform": str, "python": str, "cpu": str, "cpu_count": (int, type(None)),
                 "memory_gb": OPT_NUM},
     "device": {"placement": str, "dtype": str, "name": str, "cuda": (str, type(None))}, "torch": str,
-    "settings": {"preset": (str, type(None)), "model_dir": str, "vocoder_dir": str, "connect": (str, type(None)),
-                 "threads": int, "max_new_tokens": int, "turns": int, "seeds": [int], "arrivals": str, "rate": NUM,
-                 "gap_s": NUM, "listen": bool, "baseline_schedule": str, "systems": [str]},
+    "settings": {"preset": (str, type(None)), "model_dir": (str, type(None)), "vocoder_dir": (str, type(None)),
+                 "connect": (str, type(None)), "threads": int, "max_new_tokens": int, "turns": int, "seeds": [int],
+                 "arrivals": str, "rate": NUM, "gap_s": NUM, "listen": bool, "baseline_schedule": str,
+                 "systems": [str]},
     "configs": [CONFIG],
 }
 
