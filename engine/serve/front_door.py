@@ -8,12 +8,13 @@ Every message is a `protocol.CLIENT_KINDS` dataclass (docs/PROTOCOL.md, "Client 
 and ZMQ sockets are not thread-safe, so events go through a queue and a self-pipe wakes the poll.
 
 Safety (what a stranger on the network could do): loopback bind unless a token is set; the token is checked on
-session.open and status in constant time; a receive is bounded before any decoding (MAXMSGSIZE, 8 frames), every
-request size-checked after its zero-copy decode (so that the error names it) and value-checked;
+session.open and status in constant time; a receive is bounded before any decoding (MAXMSGSIZE, 8 frames, a 64 KiB
+request body; not the frames of a multipart message that never ends, which libzmq holds: docs/PROTOCOL.md),
+every request size-checked after its zero-copy decode (so that the error names it) and value-checked;
 a client owns at most `max_sessions_per_client` sessions; a client that vanishes loses its sessions after
 `reclaim_s` (ROUTER_MANDATORY turns a send to a gone peer into EHOSTUNREACH; idle clients are probed).
-The checks and the per-client state are in serve/sessions.py; the socket's options, CURVE and a receive that
-cannot be made to allocate without bound are at the bottom of this module.
+The checks and the per-client state are in serve/sessions.py; the socket's options, CURVE and a receive that keeps
+at most MAX_FRAMES frames of a request are at the bottom of this module.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ that has torch already, and a `torch.Tensor` field is decoded by importing torch
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import sys
 import types
@@ -78,7 +79,7 @@ def to_buffer(x) -> tuple[str, list[int], memoryview]:
         name = _NAME_OF_NP.get(x.dtype)
         if name is None:
             raise ProtocolError(f"numpy dtype {x.dtype} cannot travel; use one of {sorted(_NAME_OF_NP.values())}")
-        arr = np.ascontiguousarray(x)
+        arr = np.asarray(x, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
     else:
         raise ProtocolError(f"expected a numpy array or torch tensor, got {type(x).__name__}")
     return name, list(arr.shape), memoryview(arr.reshape(-1).view(np.uint8))
@@ -96,6 +97,8 @@ def check_descriptor(desc: object, n_buffers: int) -> tuple[str, tuple[int, ...]
     for d in shape:
         if not _is_int(d) or not 0 <= d <= MAX_DIM:
             raise ProtocolError(f"tensor shape {_short(shape)} has a dim that is not an int in [0, 2**40]")
+    if math.prod(d for d in shape if d) > MAX_DIM:  # an empty tensor too: numpy refuses such a shape
+        raise ProtocolError(f"tensor shape {_short(shape)} has more than 2**40 elements (zero dims aside)")
     if not _is_int(index) or not 0 <= index < n_buffers:
         raise ProtocolError(f"tensor buffer index {_short(index)} is not in [0, {n_buffers})")
     return name, tuple(shape), index
@@ -118,15 +121,22 @@ def from_buffer(name: str, shape: tuple[int, ...], buf: memoryview, as_torch: bo
     if not as_torch:
         if name == "bfloat16":
             raise ProtocolError("a bfloat16 tensor arrived for a numpy field; numpy has no bfloat16")
-        return np.frombuffer(buf, dtype=DTYPES[name]).reshape(shape)
+        return _view(buf, name, shape)
     try:
         import torch
     except ImportError:
         raise ProtocolError("a torch tensor arrived, but torch is not installed here") from None
     if buf.readonly:
         buf = memoryview(bytearray(buf))
-    t = torch.from_numpy(np.frombuffer(buf, dtype=DTYPES[name]).reshape(shape))
+    t = torch.from_numpy(_view(buf, name, shape))
     return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
+def _view(buf: memoryview, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        return np.frombuffer(buf, dtype=DTYPES[name]).reshape(shape)
+    except ValueError as e:  # a shape numpy cannot make (an empty one of absurd dims): still a bad message
+        raise ProtocolError(f"tensor {name}{list(shape)}: {e}") from None
 
 
 def pack_fields(msg: object, specs: list[tuple[str, Spec]], buffers: list[memoryview]) -> bytes:
@@ -139,11 +149,13 @@ def pack_fields(msg: object, specs: list[tuple[str, Spec]], buffers: list[memory
         raise ProtocolError(f"{cls.__name__}: cannot encode: {e}") from None
 
 
-def unpack_fields(cls: type, specs: list[tuple[str, Spec]], body: object, buffers: list[memoryview]) -> object:
-    """Validate a msgpack array against `specs` and build a `cls`; every buffer must be used by one tensor."""
+def unpack_fields(cls: type, specs: list[tuple[str, Spec]], body: object, buffers: list[memoryview],
+                  max_body: int = MAX_BODY) -> object:
+    """Validate a msgpack array against `specs` and build a `cls`; every buffer must be used by one tensor. A body
+    over `max_body` bytes is refused before it is unpacked (msgpack objects take ~70x the bytes they came in)."""
     body = as_view(body)
-    if body.nbytes > MAX_BODY:
-        raise ProtocolError(f"{cls.__name__}: body of {body.nbytes} bytes exceeds {MAX_BODY}")
+    if body.nbytes > max_body:
+        raise ProtocolError(f"{cls.__name__}: body of {body.nbytes} bytes exceeds {max_body}")
     try:
         values = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True, ext_hook=_no_ext)
     except ProtocolError:

@@ -621,6 +621,9 @@ assert all(0x60 <= k <= 0x7F for k in CLIENT_KINDS.values())
 
 CLIENT_REQUESTS = (SessionOpen, AudioAppend, AudioCommit, ResponseCancel, SessionClose, Ping, StatusRequest,
                    ConversationTruncate)
+# A request's fields are a few short strings and numbers (its audio travels as a tensor frame): a body larger than
+# this is refused before it is unpacked, which is where an untrusted client could make the daemon spend memory.
+MAX_REQUEST_BODY = 64 << 10
 ServerEvent = (SessionOpened | AudioCommitted | ResponseTextDelta | ResponseUnitsDelta | ResponseAudioDelta
                | ResponseTiming | ResponseDone | ServerError | SessionClosed | Pong | StatusReply
                | ConversationTruncated)
@@ -650,6 +653,8 @@ def decode(frames: typing.Sequence, buffers: typing.Sequence | None = None) -> o
     if cls is None:
         raise ProtocolError(f"unknown message kind 0x{k[0]:02x}")
     bufs = [codec.as_view(b) for b in (frames[2:] if buffers is None else buffers)]
+    if cls in CLIENT_REQUESTS:
+        return codec.unpack_fields(cls, _specs(cls), frames[1], bufs, MAX_REQUEST_BODY)
     return unpack_body(cls, frames[1], bufs)
 
 
