@@ -559,8 +559,7 @@ class Engine:
         if isinstance(msg, Heartbeat):
             self._sup.beat(msg)
         elif isinstance(msg, WorkerReady):
-            self._sup.ready(msg.stage)
-            if msg.stage in self._replay:
+            if self._sup.ready(msg.stage, msg.pid) and msg.stage in self._replay:
                 self._reopen(msg.stage)
                 seq = next(self._barrier_seq)
                 self._barriers[msg.stage] = seq

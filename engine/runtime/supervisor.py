@@ -170,11 +170,17 @@ class Supervisor:
             w.process.start()
         log.info("%s worker started (pid %d, %s)", stage, w.process.pid, w.spec.device)
 
-    def ready(self, stage: str) -> None:
-        w = self.workers[stage]
+    def ready(self, stage: str, pid: int) -> bool:
+        """A worker says it is ready; False (and nothing changes) when `pid` is not the stage's current worker: a
+        predecessor that said so and was lost before the message was read must not mark its replacement ready."""
+        w = self.workers.get(stage)
+        if w is None or w.pid != pid:
+            log.info("%s: ignoring the ready of pid %s (not the stage's worker now)", stage, pid)
+            return False
         w.ready, w.last_beat = True, time.monotonic()
         w.liveness.heard()
         log.info("%s worker ready (pid %s) after %.1f s", stage, w.pid, time.monotonic() - w.started)
+        return True
 
     def beat(self, hb: Heartbeat) -> None:
         w = self.workers.get(hb.stage)

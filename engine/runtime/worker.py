@@ -342,17 +342,22 @@ class Worker:
 
     # -- sender thread ----------------------------------------------------------------------------------------
     def _sender(self) -> None:
-        while True:
-            item = self.sendq.get()
-            if item is None:
-                return
-            edge, msg, event = item
-            if event is not None:
-                event.synchronize()  # the device-to-host copies of that step are complete
-            try:
+        try:
+            while True:
+                item = self.sendq.get()
+                if item is None:
+                    return
+                edge, msg, event = item
+                if event is not None:
+                    event.synchronize()  # the device-to-host copies of that step are complete
                 self._put(edge, msg)
-            except ring.RingClosed:
-                return
+        except ring.RingClosed:
+            return
+        except BaseException:
+            # Without its sender the worker would look healthy (heartbeats on time, no step running) while its
+            # compute thread waits on the full send queue forever and every session stalls: die, be restarted.
+            log.exception("the sender thread failed; exiting so that the worker is restarted")
+            os._exit(1)
 
     def _put(self, edge: str, msg) -> None:
         producer = self.producers[edge]

@@ -59,6 +59,16 @@ def test_a_first_start_is_left_to_the_engines_deadline(supervisor):
     assert supervisor.check() == [] and w.process.is_alive()
 
 
+def test_only_the_current_worker_can_say_it_is_ready(supervisor):
+    """A worker that said it was ready and was lost before the engine read it must not mark its replacement,
+    still loading, ready (the replacement would be re-opened too early, and killed as slow to start)."""
+    w = supervisor.workers["tts"]
+    w.process, w.restarts, w.started = Child(), 1, time.monotonic()
+    assert not supervisor.ready("tts", w.pid + 1) and not w.ready
+    assert not supervisor.ready("nope", w.pid)
+    assert supervisor.ready("tts", w.pid) and w.ready
+
+
 @pytest.mark.parametrize("code, words", [(0, "0"), (1, "1"), (-signal.SIGKILL, "signal SIGKILL"),
                                          (-40, "signal 40")])
 def test_exit_status(code, words):

@@ -1,10 +1,13 @@
-"""Pieces of the worker loop that need no process: splitting a batch that does not fit a slot, and refusing
-parallel lists that are not parallel."""
+"""Pieces of the worker loop that need no process: splitting a batch that does not fit a slot, refusing parallel
+lists that are not parallel, and a sender thread that fails taking the worker down."""
+import os
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from omni2.engine.runtime.worker import check_rows, split_rows
+from omni2.engine.runtime.worker import Worker, check_rows, split_rows
 from omni2.engine.wire.codec import ProtocolError
 from omni2.engine.wire.protocol import LlmToTts, VocoderToEngine
 
@@ -35,3 +38,29 @@ def test_rows_that_are_not_parallel_are_refused():
         check_rows(LlmToTts(["a", "b"], [0, 0], [1, 2], torch.zeros(3, 4), [False, False], 0.0))
     with pytest.raises(ProtocolError, match="in_t has 1 rows"):
         check_rows(VocoderToEngine(["x", "y"], [0, 0], [np.zeros(1, np.float32)] * 2, [False] * 2, 24000, 0.0, [1.0]))
+
+
+def test_a_sender_that_fails_takes_the_worker_down(monkeypatch):
+    """An output that cannot be sent (here an encoding error) must not leave a worker whose heartbeats look healthy
+    while its compute thread waits on the full send queue forever: the process exits, and is restarted."""
+    class Producer:
+        def put(self, msg, timeout):
+            raise ProtocolError("TtsToVocoder.units: expected list[int], got 'x'")
+
+    exits = []
+
+    def exit_(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    w = Worker(SimpleNamespace(stage="tts"))
+    try:
+        w.producers = {"tts_voc": Producer()}
+        w.sendq.put(("tts_voc", "a message", None))
+        with pytest.raises(SystemExit):
+            w._sender()
+        assert exits == [1]
+    finally:
+        w.ctx.destroy(linger=0)
+        w._wake.close()
