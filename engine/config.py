@@ -599,7 +599,8 @@ class ServerConfig:
             if self.curve_clients is not None or self.curve_secret_file is not None:
                 raise ConfigError("--realtime cannot be combined with ZMQ CURVE yet (its bridge to the front door "
                                   "would need a client certificate); use --token-file")
-            check_bind(f"tcp://{self.realtime.host}:{self.realtime.port}", self.token)
+            host = f"[{self.realtime.host}]" if ":" in self.realtime.host else self.realtime.host  # IPv6
+            check_bind(f"tcp://{host}:{self.realtime.port}", self.token)
 
 
 def is_loopback(bind: str) -> bool:

@@ -1,7 +1,12 @@
-"""engine/config.py: values derived from the configs (the dataclasses themselves are exercised everywhere)."""
+"""engine/config.py: values derived from the configs (the dataclasses themselves are exercised everywhere), and which
+binds need a token."""
 from __future__ import annotations
 
-from omni2.engine.config import StreamParams
+import re
+
+import pytest
+
+from omni2.engine.config import ConfigError, RealtimeConfig, ServerConfig, StreamParams, is_loopback
 
 
 def test_tokens_read_follows_the_read_write_layout():
@@ -14,3 +19,33 @@ def test_tokens_read_follows_the_read_write_layout():
     # A reply shorter than one read: its only chunk is the final one.
     assert [s.tokens_read(u, 2) for u in (0, 1, 50)] == [0, 2, 2]
     assert StreamParams(1, 1).tokens_read(5, 10) == 5
+
+
+@pytest.mark.parametrize("bind,loopback", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.2:5555", True), ("tcp://[::1]:5555", True),
+    ("tcp://localhost:5555", True), ("ipc:///tmp/omni2.sock", True), ("inproc://x", True),
+    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://myhost:5555", False),
+    ("tcp://eth0:5555", False), ("tcp://10.1.2.3:5555", False), ("tcp://[::]:5555", False),
+    ("udp://127.0.0.1:5555", False),
+])
+def test_only_loopback_binds_go_without_a_token(bind, loopback):
+    """Anything that another machine may reach (every interface, a DNS or interface name) needs a token."""
+    assert is_loopback(bind) == loopback
+    if bind.startswith("udp"):
+        return
+    if loopback:
+        ServerConfig(bind=bind)
+    else:
+        with pytest.raises(ConfigError, match=f"refusing to bind {re.escape(bind)}"):
+            ServerConfig(bind=bind)
+    ServerConfig(bind=bind, token="t")
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "myhost", "[::]"])
+def test_a_realtime_endpoint_off_loopback_needs_a_token(host):
+    realtime = RealtimeConfig.parse(f"{host}:8080")
+    with pytest.raises(ConfigError, match="refusing to bind"):
+        ServerConfig(realtime=realtime)
+    ServerConfig(realtime=realtime, token="t")
+    for loopback in ("127.0.0.1:8080", "[::1]:8080", "localhost:8080"):
+        ServerConfig(realtime=RealtimeConfig.parse(loopback))

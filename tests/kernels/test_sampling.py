@@ -47,9 +47,9 @@ def test_noise_is_uniform_and_a_pure_function():
 def test_the_noise_never_reaches_one_and_a_dominant_token_is_always_drawn():
     """At seed 0, counter 26 one of 152,000 token ids hashed to the top 24-bit value, whose noise rounded to 1.0:
     Gumbel +inf, so that token (56146) beat one 60 logits ahead of it, through top-k. 17 such draws in 1,280 steps
-    of a Qwen-sized vocabulary; none may be left."""
+    of a Qwen-sized vocabulary (2 in these 128); none may be left."""
     ids = torch.arange(152_000)
-    for seed in range(20):
+    for seed in range(2):
         u = token_noise(torch.full((64,), seed), torch.arange(64), ids)
         assert 0.0 < u.min() and u.max() < 1.0, seed
     logits = torch.full((64, 152_000), -30.0)

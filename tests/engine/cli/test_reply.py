@@ -19,6 +19,7 @@ def test_both_files_are_written(tmp_path, capsys):
     assert doc["units"] == [3, 4, 5] and doc["samples"] == 2400 and doc["timings"] == {"first_audio": 0.25}
     pcm, rate = read_wav(tmp_path / "r.wav")
     assert rate == 24000 and pcm.size == 2400
+    assert np.abs(pcm - reply().pcm).max() <= 1 / 32768  # 16-bit PCM: within one step of the reply's samples
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.wav"]
     assert "first audio after 250 ms" in capsys.readouterr().err
 

@@ -11,7 +11,7 @@ import pytest
 
 from omni2.engine.cli import main as cli
 from omni2.engine.config import STAGES
-from tests.engine.serve.daemon_harness import EXE, Daemon, alive, env, free_port
+from tests.engine.serve.daemon_harness import EXE, Daemon, alive, env, free_port, speech
 
 TOKEN = "status-test-token"
 # ring -> slots: runtime/topology.ring_sizes with the default ring_slots (8); asr_in and asr_llm have 4.
@@ -38,14 +38,18 @@ def daemon(tiny_ckpt, tiny_vocoder, token_file, tmp_path_factory):
 def test_the_table_shows_sessions_stages_and_rings(daemon, token_file, capsys):
     with daemon.client() as holder:
         held = holder.open("held", max_new_tokens=6)
-        # Every worker reports its sessions in its heartbeats (every 0.2 s): wait until all four count this one.
-        deadline = time.monotonic() + 30
+        assert held.reply(speech(1.0, seed=3), 16000, timeout=120).finish_reason in ("stop", "length")
+        # Every worker reports its sessions and steps in its heartbeats (every 0.2 s): wait until all four count
+        # this session and report the same numbers twice (the turn's last step is in).
+        deadline, last = time.monotonic() + 30, None
         while True:
             st = holder.status()
-            if all(st["stages"][s]["sessions"] == 1 for s in STAGES):
+            now = {s: (w["sessions"], w["steps"], w["last_batch"], w["last_step_ms"]) for s, w in st["stages"].items()}
+            if all(st["stages"][s]["sessions"] == 1 for s in STAGES) and now == last:
                 break
             assert time.monotonic() < deadline, st["stages"]
-            time.sleep(0.05)
+            last = now
+            time.sleep(0.5)
         assert cli.main(["status", "--connect", daemon.address, "--token-file", str(token_file)]) == 0
         out, err = capsys.readouterr()
         held.close()
@@ -62,7 +66,9 @@ def test_the_table_shows_sessions_stages_and_rings(daemon, token_file, capsys):
     for name, pid, alive_, busy, sessions, queued, step_ms, batch, steps, restarts in rows:
         assert pid == str(st["stages"][name]["pid"]) and alive(int(pid)), name
         assert (alive_, busy, sessions, queued, restarts) == ("True", "False", "1", "0", "0"), name
-        assert float(step_ms) >= 0 and int(batch) >= 0 and int(steps) >= 0, name
+        w = st["stages"][name]  # the daemon's own numbers (the turn above made them non-zero and distinct)
+        assert (step_ms, int(batch), int(steps)) == (f"{w['last_step_ms']:.1f}", w["last_batch"], w["steps"]), name
+        assert w["steps"] >= 1 and w["last_batch"] == 1, name
     rings = [ln.split() for ln in lines[2 + len(STAGES):]]
     assert [r[1] for r in rings] == list(RING_SLOTS)
     for word, edge, use, *rest in rings:
