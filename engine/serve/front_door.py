@@ -165,6 +165,8 @@ class FrontDoor:
                                                              "was dropped")
                 except ProtocolError:
                     pass
+                except Exception:  # a bug here must cost this request, never the daemon
+                    log.exception("dropping a request of an unreachable client failed")
                 return
             self._came_back(client)
         self._counts["requests"] += 1
