@@ -276,9 +276,10 @@ class VocoderDir:
             if (d / f"{name}.npy").is_file():
                 return d / f"{name}.npy"
         known = ", ".join(self.voices()) or "none"
+        where = f"--vocoder-dir {self.path}"
         raise CheckpointError(f"unknown voice {name!r} (known voices: {known}); add one with "
-                              f"`omni2-engine voice add {name} --wav prompt.wav` (x-vector of a 16 kHz prompt via "
-                              f"{CAMPPLUS_FILE}) or `omni2-engine voice add {name} --embedding file.npy` "
+                              f"`omni2-engine voice add {name} --wav prompt.wav {where}` (x-vector of a 16 kHz prompt "
+                              f"via {CAMPPLUS_FILE}) or `omni2-engine voice add {name} --embedding file.npy {where}` "
                               f"(a {VOICE_DIM}-d float vector)")
 
     def voice(self, name: str = "default") -> torch.Tensor:

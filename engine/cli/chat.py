@@ -183,7 +183,7 @@ class TurnDetector:
 
 def run_mic(args) -> int:
     """`chat --mic`: capture, detect turns, stream replies to the speaker, barge in. Ctrl-C ends it; --out and
-    --json then get the last reply that ended (cut by a barge-in: what was heard of it)."""
+    --json then get the last reply that ended (cut by a barge-in: what had arrived before the cut)."""
     last: list[Reply] = []
     rc = 0
     try:

@@ -230,7 +230,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                                     f"needs --token-file or --curve-clients; port 0 = any free port)")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions the engine holds at once (default 8)")
     p.add_argument("--max-sessions-per-client", type=int, default=8, help="per connection (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="cap on reply text tokens (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="cap on reply text tokens (default 256); also sizes each session's TTS cache (2,130 positions "
+                        "at 256), and is refused past what the TTS LM was built for")
     _add_max_context(p)
     p.add_argument("--token-file", help="file holding the access token clients must present")
     p.add_argument("--curve-secret-file", help="ZMQ CURVE: the daemon's key pair (NAME.key_secret from "
@@ -375,7 +377,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="reply WAV to write (24 kHz; required with --wav; with --mic: the last reply, "
                                  "written when the chat ends, Ctrl-C included)")
     p.add_argument("--json", help="also write text, token_ids, units and timings here (as `generate` does; with "
-                                  "--mic: of the last reply)")
+                                  "--mic: of the last reply, beside --out)")
     p.add_argument("--connect", default=_ADDRESS, help=f"the daemon's address (default {_ADDRESS})")
     _add_client_auth(p)
     p.add_argument("--voice", default="default", help="speaker voice name")
@@ -402,6 +404,8 @@ def _run_chat(args: argparse.Namespace) -> int:
     args.token = _read_token(args.token_file) or ""
     if args.wav is not None and not args.out:
         raise ConfigError("--wav needs --out (where to write the reply audio)")
+    if args.json and not args.out:
+        raise ConfigError("--json needs --out (the reply's audio is written beside it)")
     _check_positive(args, "max_new_tokens")  # here, not as the daemon's bad_value after connecting
     _check_client(args)
     check_writable(out=args.out, json=args.json)

@@ -6,7 +6,8 @@ Three threads, so that compute never waits on a socket and the supervisor always
   main     the compute loop: applies session messages and data between steps (continuous batching: whatever
            arrived joins the next step), steps while the runner has work.
   sender   owns the output rings' producers: blocks on credits (backpressure), splits a batch that does not fit a
-           slot, reclaims slots when the supervisor says the consumer was restarted.
+           slot, reclaims slots when the supervisor says the consumer was restarted; if it fails, the process
+           exits so that it is restarted.
 Input slots are released only after the runner has copied what it keeps, so a slow worker holds its input ring's
 slots and its producer waits: memory stays bounded end to end.
 """

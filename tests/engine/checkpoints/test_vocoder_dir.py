@@ -346,7 +346,8 @@ def test_voices_store(tiny_vocoder, tmp_path):
     assert v.shape == (192,) and v.dtype == torch.float32 and abs(float(v.norm()) - 1) < 1e-5
     assert vd.voices() == ["default"]
     with pytest.raises(CheckpointError, match=r"unknown voice 'alice' \(known voices: default\).*omni2-engine voice "
-                                              r"add alice --wav prompt\.wav.*--embedding file\.npy"):
+                                              rf"add alice --wav prompt\.wav --vocoder-dir {re.escape(str(d))}.*"
+                                              r"--embedding file\.npy"):
         vd.voice("alice")
     x = np.random.default_rng(0).standard_normal((1, 192))
     assert vd.add_voice("alice", x) == d / "voices" / "alice.npy"

@@ -67,8 +67,11 @@ def bind() -> list[str]:
 
 
 # -- chat / serve / generate ---------------------------------------------------------------------------------------
-def test_chat_wav_needs_out(guard, question, capsys):
+def test_chat_wav_needs_out(guard, question, tmp_path, capsys):
     assert run(["chat", "--wav", question], capsys) == PROG + "--wav needs --out (where to write the reply audio)"
+    # --mic writes its last reply only beside --out: a --json alone would be silently ignored
+    assert run(["chat", "--mic", "--json", tmp_path / "r.json"], capsys) == \
+        PROG + "--json needs --out (the reply's audio is written beside it)"
 
 
 TOKEN_FILES = {  # name -> (file content, or None: a directory; the error it gives)
