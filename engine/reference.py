@@ -47,6 +47,7 @@ class ReferencePipeline:
         self.vocoder = VocoderStage.from_checkpoint(vocoder_dir, limits, vocoder_options, device=device, dtype=dtype,
                                                     cuda_graphs=cuda_graphs, write=md.config.generator.stream.write)
         self.read = self.tts.stream.read
+        self.im_end_id = md.special_ids().im_end_id
         self.sessions: dict[str, SessionOptions] = {}
 
     @property
@@ -93,7 +94,7 @@ class ReferencePipeline:
             if len(token_ids) == self.read or tok.finished:
                 mark("t_llm")
             yield from self._speak(session_id, TTSInput(session_id, [tok.token_id], tok.hidden[None], tok.finished),
-                                   units, pieces, mark)
+                                   units, pieces, mark, stopped=tok.token_id == self.im_end_id)
             if tok.finished:
                 reason = tok.finish_reason
                 break
@@ -102,9 +103,10 @@ class ReferencePipeline:
         yield TurnDone(session_id, "".join(text), token_ids, units, reason, clock.timings, time.perf_counter())
 
     def _speak(self, session_id: str, text_in: TTSInput, units: list[int], pieces: UnitPieces,
-               mark) -> Iterator[Event]:
+               mark, stopped: bool) -> Iterator[Event]:
         """Let the TTS LM write every chunk this token completes, and the vocoder voice it by its schedule: the
-        "live" one each piece as it is cut (runtime/runners.TtsRunner cuts identically), the others whole writes."""
+        "live" one each piece as it is cut (runtime/runners.TtsRunner cuts identically), the others whole writes.
+        `stopped`: this token is `<|im_end|>` (VocoderInput.stopped, for the reply's last input)."""
         live = self.vocoder.schedule(session_id) == "live"
         out = self.tts.step([text_in])
         write: list[int] = []
@@ -119,16 +121,16 @@ class ReferencePipeline:
                 if end:
                     yield UnitChunk(session_id, write, t.done, time.perf_counter())
                 if live:
-                    yield from self._voice(session_id, piece, t.done, mark)
+                    yield from self._voice(session_id, piece, t.done, mark, stopped)
                 elif end:
-                    yield from self._voice(session_id, write, t.done, mark)
+                    yield from self._voice(session_id, write, t.done, mark, stopped)
                 if end:
                     write = []
             out = self.tts.step()
 
-    def _voice(self, session_id: str, units: list[int], final: bool, mark) -> Iterator[Event]:
+    def _voice(self, session_id: str, units: list[int], final: bool, mark, stopped: bool) -> Iterator[Event]:
         before = time.perf_counter()
-        for o in self.vocoder.step([VocoderInput(session_id, units, final)]):
+        for o in self.vocoder.step([VocoderInput(session_id, units, final, stopped)]):
             if o.pcm.size:
                 mark("t_tts", before)  # the units that made this audio were complete when the vocoder began
                 mark("first_audio")

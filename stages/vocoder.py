@@ -7,6 +7,8 @@ When the calls come (per session, VocoderOptions.schedule unless its open() says
   live / official-live  the official live server's `process_unit_chunk`: one call per input (a TTS write), n = all
                         units so far, then offset = n - pre_lookahead; the final input finalizes. The first audio
                         comes from the first write (10 units: 14 mel frames, 2880 samples out, 3840 withheld).
+                        official-live also ends a reply as that server does: a final call only with new units,
+                        finalizing only a reply whose text ended with `<|im_end|>` (VocoderInput.stopped).
   hop                   the offline `run_cosy2_decoder.py --stream`: once `hop + pre_lookahead` units past the offset
                         exist, units [0, offset + hop + 3) are voiced from 2*offset, offset += hop; the end of the
                         reply finalizes the rest.
@@ -52,6 +54,10 @@ class VocoderInput:
     session_id: str
     units: list[int]
     final: bool = False  # no more units for this reply: voice everything
+    # On `final`, under "official-live": the reply's text ended with `<|im_end|>`. The official server finalizes
+    # only then (a reply cut at max_new_tokens ends on a non-final call, its last units and withheld tail never
+    # voiced), and makes no call for a last message without new units (an empty final flush: the same).
+    stopped: bool = True
 
 
 @dataclass(slots=True)
@@ -238,6 +244,9 @@ class VocoderStage:
                     end += self.hop
                 if x.final:
                     mine.append((s, len(s.units), True))
+            elif x.final and s.schedule == "official-live" and not (x.stopped and x.units):
+                if x.units:
+                    mine.append((s, len(s.units), False))  # and never a finalizing call
             elif x.final:
                 mine.append((s, len(s.units), True))
             elif x.units and self._long_enough(s):

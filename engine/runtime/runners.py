@@ -264,11 +264,14 @@ class LlmRunner(Runner):
 class TtsRunner(Runner):
     stage = "tts"
 
-    def __init__(self, tts):
+    def __init__(self, tts, im_end_id: int):
         super().__init__()
         self.tts = tts
+        self.im_end_id = im_end_id
+        self.stopped: dict[str, bool] = {}  # per session whose reply's text has ended: did it end on <|im_end|>
         self.inputs: list = []
         self.pieces: dict[str, UnitPieces] = {}  # per session: the piece of its write being cut
+        self.writes: dict[str, list[int]] = {}  # per session: the units of its write so far (one chunk for clients)
 
     def _open(self, sid, options):
         _, sampling = options.seeded()
@@ -288,12 +291,16 @@ class TtsRunner(Runner):
 
     def _drop(self, sid):
         self.pieces.pop(sid, None)
+        self.writes.pop(sid, None)
+        self.stopped.pop(sid, None)
         self.inputs = [x for x in self.inputs if x.session_id != sid]
 
     def feed(self, msg: LlmToTts) -> None:
         for b, (sid, turn, tok, fin) in enumerate(zip(msg.session_ids, msg.turns, msg.token_ids, msg.finished)):
             if self.accept(sid, turn):
                 self.inputs.append(TTSInput(sid, [tok], msg.hidden[b: b + 1].clone(), fin))
+                if fin:
+                    self.stopped[sid] = tok == self.im_end_id
 
     def ready(self) -> bool:
         return bool(self.inputs) or self.tts.ready()
@@ -304,7 +311,8 @@ class TtsRunner(Runner):
 
     def step(self):
         inputs, self.inputs = self.inputs, []
-        done_sids, units, finals, ends = [], [], [], []
+        done_sids, units, finals, ends, stopped = [], [], [], [], []  # the vocoder's rows: a piece each
+        chunk_sids, chunks, chunk_finals = [], [], []  # the engine's rows: a whole write each, as the reference
         try:
             written = self.tts.step(inputs)
         except TTSError as e:
@@ -321,15 +329,25 @@ class TtsRunner(Runner):
                 units.append(piece[0])
                 finals.append(t.done)  # never set before the write's end
                 ends.append(piece[1])
+                stopped.append(self.stopped.get(t.session_id, True))
+                write = self.writes.setdefault(t.session_id, [])
+                write.extend(piece[0])
+                if piece[1]:
+                    chunk_sids.append(t.session_id)
+                    chunks.append(self.writes.pop(t.session_id))
+                    chunk_finals.append(t.done)
             if t.done:
+                self.stopped.pop(t.session_id, None)
                 self.states.append(_state(self.stage, t.session_id, self.turn[t.session_id],
                                           self.tts.counter(t.session_id)))
         if not done_sids:
             return []
         now, turns = time.perf_counter(), [self.turn[s] for s in done_sids]
-        return [("tts_out", TtsToEngine(done_sids, turns, units, finals, now)),
-                ("tts_voc", TtsToVocoder(list(done_sids), list(turns), [list(u) for u in units], list(finals), now,
-                                         ends))]
+        out = [("tts_voc", TtsToVocoder(done_sids, turns, [list(u) for u in units], finals, now, ends, stopped))]
+        if chunk_sids:
+            out.insert(0, ("tts_out", TtsToEngine(chunk_sids, [self.turn[s] for s in chunk_sids], chunks,
+                                                  chunk_finals, now)))
+        return out
 
 
 @dataclass(slots=True)
@@ -340,6 +358,7 @@ class _VocoderCall:
     final: bool
     t: float  # when the newest of them left the TTS
     complete: bool  # every row of the call has arrived (a write schedule voices only complete calls)
+    stopped: bool = True  # VocoderInput.stopped
 
 
 class VocoderRunner(Runner):
@@ -375,6 +394,7 @@ class VocoderRunner(Runner):
             if not self.accept(sid, turn):
                 continue
             end = msg.ends[i] if msg.ends else True
+            stopped = msg.stopped[i] if msg.stopped else True
             q = self.pending.setdefault(sid, collections.deque())
             schedule = self.vocoder.schedule(sid)
             grow = q and (schedule == "hop" or (schedule == "official-live" and not q[-1].complete))
@@ -382,8 +402,9 @@ class VocoderRunner(Runner):
                 c = q[-1]
                 c.units.extend(units)
                 c.final, c.t, c.complete = c.final or final, msg.t, c.complete or end or final
+                c.stopped = stopped
             else:
-                q.append(_VocoderCall(list(units), final, msg.t, end or final or schedule == "live"))
+                q.append(_VocoderCall(list(units), final, msg.t, end or final or schedule == "live", stopped))
 
     def _takeable(self, sid, q) -> bool:
         return bool(q) and (self.vocoder.schedule(sid) == "hop" or q[0].complete)
@@ -407,7 +428,7 @@ class VocoderRunner(Runner):
                 call = q.popleft()
             if not q:
                 del self.pending[sid]
-            inputs.append(VocoderInput(sid, call.units, call.final))
+            inputs.append(VocoderInput(sid, call.units, call.final, call.stopped))
             taken[sid] = call
         outs = self.vocoder.step(inputs)
         sids, pcm, finals = [], [], []
@@ -445,5 +466,5 @@ def build(stage: str, model_dir: str, vocoder_dir: str, *, device: str, dtype: t
         return LlmRunner(LLMStage.from_checkpoint(md, limits, device=device, dtype=dtype, cuda_graphs=cuda_graphs))
     if stage == "tts":
         return TtsRunner(TTSStage.from_checkpoint(md, limits, tts_options, device=device, dtype=dtype,
-                                                  cuda_graphs=cuda_graphs))
+                                                  cuda_graphs=cuda_graphs), md.special_ids().im_end_id)
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")

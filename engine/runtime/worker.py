@@ -400,7 +400,7 @@ def split_rows(msg):
     return parts
 
 
-OPTIONAL_ROWS = ("asr_t", "in_t", "histories", "cuts", "ends")  # per-row lists a message may leave empty
+OPTIONAL_ROWS = ("asr_t", "in_t", "histories", "cuts", "ends", "stopped")  # per-row lists a message may leave empty
 
 
 def check_rows(msg) -> None:

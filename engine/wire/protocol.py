@@ -263,7 +263,8 @@ class LlmToEngine:
 class TtsToVocoder:
     """Units written this step per session (stages/vocoder.VocoderInput); finals[i] = the reply's last units;
     ends[i] = row i ends a TTS write (a write longer than W arrives as rows of W units; the vocoder schedules
-    voice writes, or those rows)."""
+    voice writes, or those rows); stopped[i], on a final row: the reply's text ended with `<|im_end|>` (the
+    official live server finalizes only such a reply; VocoderInput.stopped). Empty lists: all True."""
 
     session_ids: list[str]
     turns: list[int]
@@ -271,6 +272,7 @@ class TtsToVocoder:
     finals: list[bool]
     t: float
     ends: list[bool] = field(default_factory=list)
+    stopped: list[bool] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -120,6 +120,34 @@ def test_the_write_schedules_equal_the_official_live_server_call_for_call(stages
     assert sum(g.size for g in got) == 83 * 960
 
 
+def gradio_calls(writes, stopped):
+    """The official live server's calls for a reply's TTS writes (gradio_web_server.py over model_worker.py,
+    transcribed; the worker keeping up, a message per write): `process_unit_chunk` only for a message with new
+    units, `finalize` only on the last message, and only when the reply's text ended with `<|im_end|>`."""
+    return [(w, k == len(writes) - 1 and stopped) for k, w in enumerate(writes) if w]
+
+
+@pytest.mark.parametrize("case", ["stopped", "cut at max_new_tokens", "stopped, empty final flush"])
+def test_official_live_ends_a_reply_as_the_official_server(stages, case):
+    """A reply cut at max_new_tokens ends on a non-final call: its last 3 units' frames and the withheld 3840
+    samples are never voiced; a reply whose final flush is empty makes no last call, with the same loss. Only a
+    reply that stopped on <|im_end|> with units in its flush is finalized."""
+    st = stages(schedule="official-live", deterministic=True)
+    writes = WRITES[:-1] + [[]] if case.endswith("empty final flush") else WRITES
+    stopped = case.startswith("stopped")
+    want = process_unit_chunk_stream(st, gradio_calls(writes, stopped), st.voices.voice("default"))
+    st.open("s")
+    outs = [st.step([VocoderInput("s", w, k == len(writes) - 1, stopped)])[0] for k, w in enumerate(writes)]
+    st.close("s")
+    assert outs[-1].final and not any(o.final for o in outs[:-1])
+    got = [o.pcm for o, w in zip(outs, writes) if w]
+    assert [g.size for g in got] == [w.size for w in want] and outs[-1].pcm.size == want[-1].size * bool(writes[-1])
+    assert max(np.abs(g - w).max() for g, w in zip(got, want) if g.size) < ERR["incremental"]
+    voiced = {"stopped": 83 * 960, "cut at max_new_tokens": (83 - 3) * 960 - 3840,
+              "stopped, empty final flush": (36 - 3) * 960 - 3840}[case]
+    assert sum(g.size for g in got) == voiced
+
+
 def test_a_first_write_too_short_for_the_overlap_waits_for_the_next(stages):
     """A first write of 6 units makes 6 mel frames, fewer than the 8 HiFT keeps for the next call's cross-fade: it
     is voiced together with the next write, exactly as if the two had been one."""

@@ -108,6 +108,15 @@ def test_one_session_equals_the_reference(engine, ref, greedy, seed):
     finally:
         engine.close("one")
     assert_same(events, expected)
+    # Unit events as the reference gives them: one per TTS write (the final flush's W-unit pieces, which the
+    # vocoder takes one by one, make one chunk), the last one final.
+    ref.open("u", opts)
+    try:
+        want = [(e.units, e.final) for e in ref.turn("u", speech(seed), 16000) if isinstance(e, UnitChunk)]
+    finally:
+        ref.close("u")
+    assert [(e.units, e.final) for e in events if isinstance(e, UnitChunk)] == want
+    assert greedy or max(len(u) for u, _ in want) > 10  # a final flush longer than a piece
     t = events[-1].timings
     assert 0 < t["t_asr"] <= t["t_llm"] <= t["total"]
     assert t["t_tts"] <= t["first_audio"] <= t["total"]
@@ -393,6 +402,9 @@ def test_each_session_voices_by_its_own_schedule(engine, ref):
             engine.close(sid)
     for sid, _, _ in cases:
         assert_same(got[sid], expected[sid], BATCHED_PCM_ATOL)
+    # Cut at max_new_tokens: the official server never finalizes such a reply (its tail is not voiced), and
+    # official-live does the same in the engine's workers as in the reference.
+    assert expected["sch-official-live"].finish_reason == "length"
     hop = [e for e in got["sch-hop"] if isinstance(e, AudioDelta) and e.pcm.size]
     # hop 50: no audio before 53 units, then 50 units (48000 samples, less the withheld overlap) per call
     assert hop[0].pcm.size >= (2 * 50 - 6 - 8) * 480 or hop[0].final

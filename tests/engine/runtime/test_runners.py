@@ -73,7 +73,7 @@ def test_a_session_past_the_tts_context_fails_alone():
             raise TTSError("the reply's speech would pass the TTS context of 40 positions", ["long"])
         return []
 
-    r = TtsRunner(Recorder(step=step, ready=lambda: False, sessions={}))
+    r = TtsRunner(Recorder(step=step, ready=lambda: False, sessions={}), im_end_id=7)
     for sid in ("long", "short"):
         r.open(to_wire(sid, SessionOptions()))
     r.feed(LlmToTts(["long", "short"], [0, 0], [5, 6], torch.zeros(2, 4), [False, False], 0.0))
