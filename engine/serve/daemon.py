@@ -52,6 +52,9 @@ def serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> int:
         except OSError as e:
             server.close()
             raise ConfigError(f"cannot bind --realtime {cfg.realtime.host}:{cfg.realtime.port}: {e}") from None
+        except RuntimeError as e:  # server VAD cannot run (silero-vad missing)
+            server.close()
+            raise ConfigError(f"--realtime: {e}") from None
         log.info("realtime endpoint on %s%s", url, f"; demo page at http://{url.split('/', 3)[2]}/"
                  if cfg.realtime.demo else "")
     old = {sig: signal.signal(sig, during_start) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -35,7 +35,7 @@ from websockets.http11 import Request, Response
 from omni2.engine.client import AsyncClient, ClientError, RemoteError
 from omni2.engine.config import RealtimeConfig, StreamParams
 from omni2.engine.serve.sessions import authorized
-from omni2.engine.serve.vad import VAD_RATE, TurnDetector, VADSettings
+from omni2.engine.serve.vad import VAD_RATE, SileroVAD, TurnDetector, VADSettings
 from omni2.engine.wire import protocol as P
 
 log = logging.getLogger("omni2.realtime")
@@ -72,6 +72,10 @@ class RealtimeServer:
 
     def start(self) -> str:
         logging.getLogger("websockets").setLevel(logging.WARNING)  # not a line per connection and handshake
+        try:  # server VAD must work before anyone connects: a missing package fails `serve`, not each connection
+            SileroVAD()
+        except ImportError as e:
+            raise RuntimeError(f"server VAD needs onnxruntime (pip install 'omni2-engine[realtime]'): {e}") from None
         ready: dict = {}
         started = threading.Event()
 
@@ -212,10 +216,13 @@ class Connection:
     async def run(self) -> None:
         try:
             await self._open_engine_session()
-        except ClientError as e:
-            await self.error("engine_unavailable" if not isinstance(e, RemoteError) else e.code, str(e),
-                             kind="server_error")
-            await self._close_engine_session()  # the client's socket and reader task
+        except Exception as e:  # an engine refusal, or anything after the session opened: close what was opened
+            if not isinstance(e, ClientError):
+                log.exception("realtime: %s could not start", self.session_id)
+            code = e.code if isinstance(e, RemoteError) else ("engine_unavailable" if isinstance(e, ClientError)
+                                                                else "server_error")
+            await self.error(code, str(e) or type(e).__name__, kind="server_error")
+            await self._close_engine_session()  # the engine session, if it opened; the client's socket and reader
             await self.ws.close(1011, "no engine session")
             return
         log.info("realtime: %s connected (%s)", self.session_id, self.ws.remote_address)
@@ -389,10 +396,20 @@ class Connection:
             raise EventError("input_audio_buffer_full", f"the input buffer holds at most "
                              f"{self.server.max_turn_seconds:g} s of audio (one turn); commit or clear it first",
                              "audio")
-        self.buffer.append(pcm)
-        self.buffered += pcm.size
-        if self.detector is not None:
-            await self.detect(pcm)
+        if self.detector is None:
+            self.buffer.append(pcm)
+            self.buffered += pcm.size
+            return
+        # Half a second at a time: a turn that reaches the engine's 30 s is committed at its cap and the speech
+        # after it starts the next turn, also inside one long append; and other connections run in between.
+        step = self.input_rate // 2
+        for i in range(0, pcm.size, step):
+            piece = pcm[i:i + step]
+            self.buffer.append(piece)
+            self.buffered += piece.size
+            await self.detect(piece)
+            if i + step < pcm.size:
+                await asyncio.sleep(0)
 
     async def reopen(self, voice: str) -> None:
         """The engine session again, with another voice; an unknown voice reopens the old one and raises. A
@@ -479,7 +496,25 @@ class Connection:
         self.drop_before(self.buffer_start + b)
         await self.emit({"type": "input_audio_buffer.committed", "previous_item_id": self.last_item,
                          "item_id": item})
+        await self.item_added({"id": item, "type": "message", "object": "realtime.item", "role": "user",
+                               "status": "completed", "content": [{"type": "input_audio", "transcript": None}]},
+                              self.last_item, done=True)
         self.last_item = item
+
+    async def item_added(self, item: dict, previous: str | None, done: bool) -> None:
+        """A conversation item exists: `conversation.item.created` (beta), or `conversation.item.added` and, once
+        it is complete, `conversation.item.done` (GA). Clients keep their conversation by these: the reference
+        JS client refuses a response's deltas for an item it was never told of."""
+        if self.beta:
+            await self.emit({"type": "conversation.item.created", "previous_item_id": previous, "item": item})
+            return
+        await self.emit({"type": "conversation.item.added", "previous_item_id": previous, "item": item})
+        if done:
+            await self.item_done(item, previous)
+
+    async def item_done(self, item: dict, previous: str | None) -> None:
+        if not self.beta:
+            await self.emit({"type": "conversation.item.done", "previous_item_id": previous, "item": item})
 
     async def commit(self, event: dict) -> None:
         if not self.buffered:
@@ -633,9 +668,11 @@ class Reply:
         await c.session.append(pcm, rate)
         self.turn = await c.session.commit()
         t_commit = time.perf_counter()
-        await c.emit({"type": "response.output_item.added", "response_id": self.id, "output_index": 0,
-                      "item": {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
-                               "status": "in_progress", "content": []}})
+        item = {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
+                "status": "in_progress", "content": []}
+        await c.emit({"type": "response.output_item.added", "response_id": self.id, "output_index": 0, "item": item})
+        await c.item_added(item, self.user_item, done=False)
+        c.last_item = self.item  # the conversation's newest item: the next user item follows it
         part = {"type": "text", "text": ""} if self.text_only else {"type": "audio", "transcript": ""}
         await c.emit({"type": "response.content_part.added", **self.base(), "part": part})
         if self.cancel_reason is not None:  # cancelled while the audio was being sent
@@ -694,9 +731,10 @@ class Reply:
         if status != "cancelled":  # in the engine's conversation: a truncate may cut it
             c.answered[self.item] = Heard(done.turn, len(done.token_ids), len(done.units),
                                           self.samples * 1000 // c.out_rate)
-        await c.emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0,
-                      "item": {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
-                               "status": item_status, "content": self.content(text)}})
+        item = {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
+                "status": item_status, "content": self.content(text)}
+        await c.emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0, "item": item})
+        await c.item_done(item, self.user_item)
         usage = {"total_tokens": len(done.token_ids), "input_tokens": 0, "output_tokens": len(done.token_ids),
                  "output_token_details": {"text_tokens": len(done.token_ids), "audio_tokens": len(done.units)}}
         # The API's metadata is a map of up to 16 strings: our per-stage timings (seconds after commit) and more.

@@ -117,6 +117,17 @@ def test_a_server_vad_turn_equals_the_engine_reply(daemon):
     for k in ("input_audio_buffer.committed", "response.created", "response.output_item.added",
               "response.output_audio.done", "response.output_audio_transcript.done", "response.output_item.done"):
         assert k in kinds, (k, kinds)
+    # The conversation's items as a client keeps them: the user's, complete when committed; the assistant's,
+    # added before any content event and done after its output item.
+    items = [(e.type, e.item.id, e.item.role) for e in events if e.type.startswith("conversation.item.")]
+    committed = next(e for e in events if e.type == "input_audio_buffer.committed")
+    added = next(e for e in events if e.type == "response.output_item.added")
+    assert items == [("conversation.item.added", committed.item_id, "user"),
+                     ("conversation.item.done", committed.item_id, "user"),
+                     ("conversation.item.added", added.item.id, "assistant"),
+                     ("conversation.item.done", added.item.id, "assistant")], items
+    assert kinds.index("conversation.item.added", kinds.index("response.output_item.added")) < kinds.index(
+        "response.content_part.added") and kinds[-2] == "conversation.item.done"
     assert done.response.status in ("completed", "incomplete")
     text, audio = reply_of(events)
     assert text and audio.size > RATE // 10
@@ -226,9 +237,14 @@ def test_response_cancel_mid_reply_then_the_next_turn(daemon):
             assert updated.session.turn_detection is None
             await append(conn, question)
             await conn.input_audio_buffer.commit()
-            await until(conn, "input_audio_buffer.committed")
+            committed = await until(conn, "input_audio_buffer.committed")
+            user = await until(conn, "conversation.item.created")  # beta: created, no added/done
             await conn.response.create()
-            await until(conn, "response.audio.delta")
+            log = []
+            await until(conn, "response.audio.delta", log=log)
+            assistant = next(e for e in log if e.type == "conversation.item.created")
+            assert (user.item.id, user.item.role) == (committed.item_id, "user")
+            assert assistant.item.role == "assistant" and assistant.previous_item_id == user.item.id
             await conn.response.cancel()
             cancelled = await until(conn, "response.done")
             # Nothing to cancel now: an error event, and the connection goes on.
@@ -346,7 +362,14 @@ def test_malformed_messages_get_error_events_and_the_connection_keeps_working(da
             for _ in range(8):
                 await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(np.ones(240, np.int16))}))
                 await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-                assert json.loads(await ws.recv())["type"] == "input_audio_buffer.committed"
+                committed = json.loads(await ws.recv())
+                assert committed["type"] == "input_audio_buffer.committed"
+                # The user item exists (GA: added, then done: it is complete), after the one before it.
+                added, done = json.loads(await ws.recv()), json.loads(await ws.recv())
+                assert (added["type"], done["type"]) == ("conversation.item.added", "conversation.item.done")
+                assert added["item"]["id"] == done["item"]["id"] == committed["item_id"]
+                assert added["previous_item_id"] == committed["previous_item_id"]
+                assert added["item"]["role"] == "user" and added["item"]["content"][0]["type"] == "input_audio"
             await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(np.ones(240, np.int16))}))
             await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
             full = json.loads(await ws.recv())
@@ -461,3 +484,32 @@ def test_the_browser_demo_answers_the_microphone(daemon, tmp_path):
     assert state["deltas"] > 0 and state["played"] > 0
     assert state["transcript"]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_one_append_longer_than_a_turn_becomes_two_turns(daemon):
+    """40 s of unbroken speech in a single append: the first turn is committed at the engine's 30 s and the speech
+    after it is the next turn (it was lost: the detector had already scored the whole append)."""
+    speech_40s = np.tile(wav("question.wav"), 10)[: 40 * RATE]
+    pcm = np.concatenate([np.zeros(RATE // 2, np.int16), speech_40s, np.zeros(3 * RATE, np.int16)])
+    url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
+
+    async def talk():
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                                      max_size=None) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+                "type": "server_vad", "silence_duration_ms": 1500, "create_response": False}}}}}))
+            assert json.loads(await ws.recv())["type"] == "session.updated"
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64(pcm)}))
+            events = []
+            while sum(e["type"] == "input_audio_buffer.committed" for e in events) < 2:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+            return events
+
+    events = asyncio.run(talk())
+    starts = [e["audio_start_ms"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    stops = [e["audio_end_ms"] for e in events if e["type"] == "input_audio_buffer.speech_stopped"]
+    assert len(starts) == len(stops) == 2, events
+    assert 29_000 <= stops[0] - starts[0] <= 30_600  # committed at the cap (the span itself is cut at 30 s)
+    assert stops[0] - 1_000 <= starts[1] <= stops[0] + 600  # the rest of the speech, at once
+    assert abs(stops[1] - 40_500) <= 600, stops  # to the end of the speech
