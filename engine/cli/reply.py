@@ -29,8 +29,16 @@ def check_writable(**paths) -> None:
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
             raise OutputError(f"--{flag} {path}: there is no directory {parent}")
-        if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        # A plain file is written beside itself and renamed (Reply.save): its directory must be writable; anything
+        # else (/dev/null, a pipe, a symlink) is written through.
+        if not os.access(p if p.exists() and not _plain(p) else parent, os.W_OK) or (
+                p.exists() and not os.access(p, os.W_OK)):
             raise OutputError(f"--{flag} {path}: not writable")
+
+
+def _plain(p: Path) -> bool:
+    """Missing, or a regular file that is no symlink: what may be replaced by a rename."""
+    return not p.exists() and not p.is_symlink() or p.is_file() and not p.is_symlink()
 
 
 @dataclass
@@ -53,18 +61,22 @@ class Reply:
         is written beside its target under a temporary name, and both are renamed into place once both are
         written: a failure leaves no half-written file, and no WAV without the JSON asked for."""
         targets = [Path(out)] + ([Path(json_path)] if json_path else [])
-        temps = [t.with_name(f".{t.name}.{os.getpid()}.part") for t in targets]
+        # A device, a pipe or a symlink is written through, never renamed over (--out /dev/null as root would
+        # replace the null device).
+        temps = [t.with_name(f".{t.name}.{os.getpid()}.part") if _plain(t) else t for t in targets]
         try:
             write_wav(temps[0], self.pcm if self.pcm.size else np.zeros(1, np.float32), self.sample_rate)
             if json_path:
                 temps[1].write_text(json.dumps(self.to_json(), indent=1))
             for tmp, target in zip(temps, targets):
-                tmp.replace(target)
+                if tmp != target:
+                    tmp.replace(target)
         except (OSError, RuntimeError) as e:  # RuntimeError: soundfile's own error type
             raise OutputError(f"cannot write {', '.join(map(str, targets))}: {e}") from e
         finally:
-            for tmp in temps:
-                tmp.unlink(missing_ok=True)
+            for tmp, target in zip(temps, targets):
+                if tmp != target:
+                    tmp.unlink(missing_ok=True)
         if not first_audio:
             first_audio = f"{self.timings.get('first_audio', float('nan')) * 1e3:.0f} ms"
         print(f"wrote {out}: {self.pcm.size / self.sample_rate:.2f} s of audio, {len(self.units)} units, "

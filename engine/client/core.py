@@ -115,7 +115,10 @@ def dealer_socket(ctx: zmq.Context, address: str, curve_server_key: str | None =
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
     try:
         if curve_server_key is not None:
-            curve_client(sock, curve_server_key, curve_secret_file)
+            try:
+                curve_client(sock, curve_server_key, curve_secret_file)
+            except (zmq.ZMQError, ValueError) as e:  # a 40-character key that is no Z85 key; a file without one
+                raise OSError(f"{curve_server_key}: {e}") from None
         sock.connect(address)
     except zmq.ZMQError as e:
         sock.close()

@@ -41,7 +41,6 @@ from omni2.engine.checkpoints.vocoder_dir import VocoderDir
 from omni2.engine.config import (
     DTYPE_BYTES,
     STAGES,
-    CheckpointError,
     EngineConfig,
     ModelConfig,
     Placement,
@@ -291,10 +290,10 @@ class Engine:
                                   f"GB, past the {budget / 1e9:.2f} GB budget (close a session, or use a bounded "
                                   "vocoder memory mode: --vocoder-left-chunks)")
             if options.voice not in self.voices():
-                try:
-                    self.vocoder_dir.voice_file(options.voice)
-                except CheckpointError as e:  # which voices there are, and how to add one
-                    raise EngineError("unknown_voice", str(e)) from None
+                known = ", ".join(self.voices()) or "none"  # and no server path: this goes to remote clients
+                raise EngineError("unknown_voice", f"unknown voice {options.voice!r} (known voices: {known}); the "
+                                  f"daemon's operator adds one with `omni2-engine voice add {options.voice} --wav "
+                                  f"prompt.wav --vocoder-dir DIR`")
             s = _Session(session_id, f"s{next(self._keys)}", options, flow_bytes)
             self._sessions[session_id] = self._by_key[s.key] = s
             ack = self._acks[s.key] = _OpenAck()
@@ -661,6 +660,8 @@ class Engine:
 
     # -- losing and regaining a worker (loop thread) -----------------------------------------------------------
     def _on_lost(self, stage: str, why: str) -> None:
+        # A Barrier answer the lost worker sent before dying must not count for its replacement.
+        self._barriers.pop(stage, None)
         edge = inputs_of(stage)[0]
         producer = EDGES[edge][0]
         if producer == ENGINE:

@@ -1,11 +1,14 @@
-"""cli/reply.py: the reply's WAV and JSON are written together or not at all."""
+"""cli/reply.py: the reply's WAV and JSON are written together or not at all, and through a device or a
+symlink rather than over it."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 
 from omni2.engine.audio import read_wav
-from omni2.engine.cli.reply import OutputError, Reply
+from omni2.engine.cli.reply import OutputError, Reply, check_writable
 
 
 def reply() -> Reply:
@@ -30,3 +33,16 @@ def test_a_json_that_cannot_be_written_leaves_no_wav(tmp_path):
     with pytest.raises(OutputError, match="cannot write"):
         reply().save(tmp_path / "gone" / "r.wav", tmp_path / "nodir" / "r.json")
     assert list((tmp_path / "gone").iterdir()) == []
+
+
+def test_a_device_or_a_symlink_is_written_through_not_replaced(tmp_path):
+    """--out /dev/null (as root, in a container) used to rename a WAV over the null device; a symlink became a
+    file and its target stayed empty."""
+    check_writable(out="/dev/null")
+    reply().save("/dev/null")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    real, link = tmp_path / "real.wav", tmp_path / "link.wav"
+    real.touch()
+    link.symlink_to(real)
+    reply().save(link)
+    assert link.is_symlink() and read_wav(real)[0].size == 2400
