@@ -557,7 +557,9 @@ class RealtimeConfig:
     input_rate: int = 24000  # PCM16 rate of input_audio_buffer.append until session.update names another (the API's)
     output_rate: int = 24000  # PCM16 rate of response.output_audio.delta (the API's; the vocoder's own rate)
     max_append_bytes: int = 15 << 20  # base64 audio in one append (the API's limit); more is refused, nothing kept
-    max_message_bytes: int = 32 << 20  # one WebSocket message; a bigger one closes the connection (code 1009)
+    # One WebSocket message; a bigger one closes the connection (code 1009). The largest valid event is an append
+    # of max_append_bytes plus its JSON; at most 4 such messages wait per connection while it is busy.
+    max_message_bytes: int = 16 << 20
 
     @classmethod
     def parse(cls, hostport: str, demo: bool = False) -> RealtimeConfig:

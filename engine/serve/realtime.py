@@ -102,7 +102,7 @@ class RealtimeServer:
     async def _bind(self, ready: dict) -> None:
         self.server = await serve(self._handle, self.cfg.host, self.cfg.port, process_request=self._http,
                                   select_subprotocol=select_subprotocol, max_size=self.cfg.max_message_bytes,
-                                  compression=None, ping_interval=20, ping_timeout=20)
+                                  max_queue=4, compression=None, ping_interval=20, ping_timeout=20)
         host, port = self.server.sockets[0].getsockname()[:2]
         self.url = f"ws://{self.cfg.host}:{port}{PATH}"
 
