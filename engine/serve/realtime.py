@@ -640,6 +640,7 @@ class Reply:
         self.cancel_sent = False
         self.turn = -1
         self.resample = None
+        self.announced = False  # output_item.added and content_part.added were sent: they will be closed
 
     def base(self) -> dict:
         return {"response_id": self.id, "item_id": self.item, "output_index": 0, "content_index": 0}
@@ -655,7 +656,7 @@ class Reply:
         return {"object": "realtime.response", "id": self.id, "status": status, "status_details": details,
                 "output": [{"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
                             "status": "completed" if status == "completed" else "incomplete",
-                            "content": content}] if status != "in_progress" else [],
+                            "content": content}] if status != "in_progress" and self.announced else [],
                 "conversation_id": self.conn.session_id,
                 "output_modalities": ["text"] if self.text_only else ["audio"],
                 "audio": {"output": {"format": {"type": "audio/pcm", "rate": self.conn.out_rate},
@@ -675,6 +676,7 @@ class Reply:
         c.last_item = self.item  # the conversation's newest item: the next user item follows it
         part = {"type": "text", "text": ""} if self.text_only else {"type": "audio", "transcript": ""}
         await c.emit({"type": "response.content_part.added", **self.base(), "part": part})
+        self.announced = True
         if self.cancel_reason is not None:  # cancelled while the audio was being sent
             await self.send_cancel()
         first_audio = None
@@ -717,8 +719,6 @@ class Reply:
         else:
             await c.emit({"type": "response.output_audio.done", **self.base()})
             await c.emit({"type": "response.output_audio_transcript.done", **self.base(), "transcript": text})
-        part = {"type": "text", "text": text} if self.text_only else {"type": "audio", "transcript": text}
-        await c.emit({"type": "response.content_part.done", **self.base(), "part": part})
         if done.finish_reason == "cancelled":
             status, details = "cancelled", {"type": "cancelled", "reason": self.cancel_reason or "client_cancelled"}
         elif done.finish_reason in ("length", "context"):
@@ -731,10 +731,7 @@ class Reply:
         if status != "cancelled":  # in the engine's conversation: a truncate may cut it
             c.answered[self.item] = Heard(done.turn, len(done.token_ids), len(done.units),
                                           self.samples * 1000 // c.out_rate)
-        item = {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
-                "status": item_status, "content": self.content(text)}
-        await c.emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0, "item": item})
-        await c.item_done(item, self.user_item)
+        await self.end_item(text, item_status)
         usage = {"total_tokens": len(done.token_ids), "input_tokens": 0, "output_tokens": len(done.token_ids),
                  "output_token_details": {"text_tokens": len(done.token_ids), "audio_tokens": len(done.units)}}
         # The API's metadata is a map of up to 16 strings: our per-stage timings (seconds after commit) and more.
@@ -746,9 +743,21 @@ class Reply:
             metadata[f"omni2_{k}"] = f"{v:.4f}"
         await c.emit({"type": "response.done", "response": self.describe(status, details, usage, metadata)})
 
+    async def end_item(self, text: str, status: str) -> None:
+        """Close what output_item.added and content_part.added opened: a client waits for their `.done` events."""
+        c = self.conn
+        part = {"type": "text", "text": text} if self.text_only else {"type": "audio", "transcript": text}
+        await c.emit({"type": "response.content_part.done", **self.base(), "part": part})
+        item = {"id": self.item, "type": "message", "object": "realtime.item", "role": "assistant",
+                "status": status, "content": self.content(text)}
+        await c.emit({"type": "response.output_item.done", "response_id": self.id, "output_index": 0, "item": item})
+        await c.item_done(item, self.user_item)
+
     async def fail(self, code: str, message: str) -> None:
         c = self.conn
         await c.error(code, message, kind="server_error")
+        if self.announced:  # failed mid-stream: the item ends incomplete, as the client was told it began
+            await self.end_item("".join(self.text), "incomplete")
         await c.emit({"type": "response.done", "response": self.describe(
             "failed", {"type": "failed", "error": {"type": "server_error", "code": code, "message": message}})})
 

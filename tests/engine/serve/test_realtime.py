@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -513,3 +515,49 @@ def test_one_append_longer_than_a_turn_becomes_two_turns(daemon):
     assert 29_000 <= stops[0] - starts[0] <= 30_600  # committed at the cap (the span itself is cut at 30 s)
     assert stops[0] - 1_000 <= starts[1] <= stops[0] + 600  # the rest of the speech, at once
     assert abs(stops[1] - 40_500) <= 600, stops  # to the end of the speech
+
+
+def test_a_reply_that_fails_mid_stream_closes_its_item(daemon):
+    """The vocoder worker is killed while a reply streams: an error event, then the item the client was told of is
+    closed (content_part.done, output_item.done and conversation.item.done, incomplete) before response.done
+    (failed), whose output is that item. The worker comes back and the next turn is answered."""
+    question = wav("question.wav")
+
+    def kill_vocoder() -> int:
+        with Client(daemon.address, token=TOKEN) as c:
+            pid = c.status()["stages"]["vocoder"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    async def talk():
+        events = []
+        async with sdk(daemon) as conn:
+            await until(conn, "session.created")
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            await until(conn, "session.updated")
+            await append(conn, question)
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            await until(conn, "response.output_audio.delta", log=events)
+            killed = kill_vocoder()
+            async for ev in conn:
+                events.append(ev)
+                if ev.type == "response.done":
+                    break
+            await append(conn, question)
+            await conn.input_audio_buffer.commit()
+            await conn.response.create()
+            after = await until(conn, "response.done")
+        return killed, events, after
+
+    killed, events, after = asyncio.run(talk())
+    kinds = [e.type for e in events]
+    tail = kinds[kinds.index("error"):]
+    assert tail == ["error", "response.content_part.done", "response.output_item.done", "conversation.item.done",
+                    "response.done"], kinds
+    done = events[-1].response
+    assert done.status == "failed" and [o.id for o in done.output] == [events[-2].item.id]
+    assert events[-3].item.status == "incomplete" and events[kinds.index("error")].error.code == "worker_crashed"
+    assert after.response.status in ("completed", "incomplete")
+    with Client(daemon.address, token=TOKEN) as c:
+        assert c.status()["stages"]["vocoder"]["pid"] != killed
