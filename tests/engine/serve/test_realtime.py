@@ -477,6 +477,17 @@ def test_the_browser_demo_answers_the_microphone(daemon, tmp_path):
                                   " turns: omni2.turns.map(t => ({status: t.status, first: t.firstAudioMs})),"
                                   " transcript: omni2.transcript, errors: omni2.errors})")
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            # Speech over a finished reply that still plays: the page tells the server what was heard (here 1 s of
+            # the item) so that the next turn reads only that; over a reply still streaming, the server cancels.
+            barge_in = """(streaming) => {
+                const sent = [], send0 = send;
+                send = (e) => sent.push(e);
+                heard = {id: "item_x", samples: 24000}; sources = [{stop() {}}]; current = streaming ? {} : null;
+                onEvent({type: "input_audio_buffer.speech_started", audio_start_ms: 0});
+                send = send0; current = null;
+                return sent;
+            }"""
+            over_finished, over_streaming = page.evaluate(barge_in, False), page.evaluate(barge_in, True)
             page.click("#stop")
         finally:
             browser.close()
@@ -486,6 +497,8 @@ def test_the_browser_demo_answers_the_microphone(daemon, tmp_path):
     assert state["deltas"] > 0 and state["played"] > 0
     assert state["transcript"]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert over_finished == [{"type": "conversation.item.truncate", "item_id": "item_x", "content_index": 0,
+                              "audio_end_ms": 1000}] and over_streaming == []
 
 
 def test_one_append_longer_than_a_turn_becomes_two_turns(daemon):
