@@ -519,7 +519,8 @@ class Connection:
     async def commit(self, event: dict) -> None:
         if not self.buffered:
             raise EventError("input_audio_buffer_commit_empty", "the input audio buffer is empty")
-        item = new_id("item")
+        # Mid-speech under server VAD the turn already has its item (speech_started named it): commit that one.
+        item = self.pending_item if self.speech_start_ms is not None else new_id("item")
         start_ms = self.buffer_start * 1000 // self.input_rate
         end_ms = (self.buffer_start + self.buffered) * 1000 // self.input_rate + 1
         await self.commit_span(start_ms, end_ms, item)

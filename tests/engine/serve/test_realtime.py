@@ -574,3 +574,23 @@ def test_a_reply_that_fails_mid_stream_closes_its_item(daemon):
     assert after.response.status in ("completed", "incomplete")
     with Client(daemon.address, token=TOKEN) as c:
         assert c.status()["stages"]["vocoder"]["pid"] != killed
+
+
+def test_a_commit_mid_speech_commits_the_item_speech_started_named(daemon):
+    url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
+
+    async def talk():
+        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                                      max_size=None) as ws:
+            assert json.loads(await ws.recv())["type"] == "session.created"
+            await ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                      "audio": b64(np.concatenate([np.zeros(RATE // 2, np.int16),
+                                                                   wav("question.wav")]))}))
+            started = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            committed = json.loads(await ws.recv())
+            return started, committed
+
+    started, committed = asyncio.run(talk())
+    assert started["type"] == "input_audio_buffer.speech_started", started
+    assert committed["type"] == "input_audio_buffer.committed" and committed["item_id"] == started["item_id"]
