@@ -223,6 +223,11 @@ class Worker:
         outs = []
         try:
             outs = self.runner.step()
+        except torch.AcceleratorError:
+            # The device is left in an error state (an illegal access, a device assert): every later step would fail
+            # too. A fresh process is the way back; the supervisor restarts it and fails the turns it held.
+            log.exception("the device failed; exiting so that the worker is restarted")
+            os._exit(1)
         except Exception as e:
             log.exception("step failed")
             for sid in active:

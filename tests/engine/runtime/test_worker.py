@@ -64,3 +64,34 @@ def test_a_sender_that_fails_takes_the_worker_down(monkeypatch):
     finally:
         w.ctx.destroy(linger=0)
         w._wake.close()
+
+
+def test_a_device_error_takes_the_worker_down_and_any_other_fails_its_sessions_only(monkeypatch):
+    """A CUDA error leaves the device unusable for every later step: the process exits, to be restarted. Any other
+    step failure fails the sessions of that step and the worker goes on."""
+    failed, exits = [], []
+
+    def exit_(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    def runner(error):
+        def step():
+            raise error
+        return SimpleNamespace(active=lambda: ["a", "b"], step=step,
+                               fail=lambda sid, code, message: failed.append((sid, code)))
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    w = Worker(SimpleNamespace(stage="llm"))
+    w.stream = None  # on a CPU (run() sets it)
+    try:
+        w.runner = runner(ValueError("a bad row"))
+        w._step()
+        assert failed == [("a", "stage_error"), ("b", "stage_error")] and exits == []
+        w.runner = runner(torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+        with pytest.raises(SystemExit):
+            w._step()
+        assert exits == [1] and len(failed) == 2
+    finally:
+        w.ctx.destroy(linger=0)
+        w._wake.close()
