@@ -166,6 +166,7 @@ class Engine:
         self._ready, self._stopped = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._errors = 0
+        self._ending = False  # stop() or a failed loop: commits are refused under the lock (see _end_all)
         self._replay: set[str] = set()  # restarted stages to re-open every session in, once they are ready
         # Turns committed while a stage restarts wait here: sent now, they could reach the replacement before it
         # knows their session (it would drop them) or its conversation (it would refuse them).
@@ -252,15 +253,23 @@ class Engine:
             if self._thread is not None and self._thread is not threading.current_thread():
                 self._thread.join(30)
             return
-        with self._lock:
-            for s in list(self._sessions.values()):
-                self._fail_turn(s, "shutdown", "the engine is shutting down", broadcast=False)
+        self._end_all("shutdown", "the engine is shutting down")
         if self._thread is not None and self._thread.is_alive():
             self._command(_Stop())
-            self._thread.join(30)
+            if self._thread is not threading.current_thread():  # stop() from on_event: the loop ends after it
+                self._thread.join(30)
         else:
             self._teardown()
         atexit.unregister(self.stop)
+
+    def _end_all(self, code: str, message: str) -> None:
+        """No turn will run any more: a commit from now on is refused, every turn in flight ends with an error, and
+        every reader — one between turns too — is woken and ends."""
+        with self._lock:
+            self._ending = True
+            for s in list(self._sessions.values()):
+                self._fail_turn(s, code, message, broadcast=False)
+                s.events.put(_CANCELLED)
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -333,9 +342,10 @@ class Engine:
         self._check_running()
         s = self._get(session_id)
         with self._lock:
+            if self._ending:
+                raise EngineError("stopped", "the engine is not running")
             if s.turn is not None:
-                raise EngineError("busy", f"session {session_id!r} is still answering its previous turn; "
-                                  "cancel it or wait for its response.done")
+                raise _busy(session_id)
             chunks, rate, s.chunks = s.chunks, s.rate, []
             if not chunks:
                 raise EngineError("bad_audio", "no audio was appended for this turn")
@@ -378,7 +388,12 @@ class Engine:
             return kept
 
     def submit(self, session_id: str, audio: np.ndarray, sample_rate: int = 16000) -> int:
-        self._get(session_id).chunks.clear()
+        """A whole turn: what was appended before is replaced by `audio`. A refusal (`busy`) changes nothing."""
+        s = self._get(session_id)
+        with self._lock:
+            if s.turn is not None:
+                raise _busy(session_id)
+            s.chunks = []
         self.append(session_id, audio, sample_rate)
         return self.commit(session_id)
 
@@ -424,6 +439,7 @@ class Engine:
             if s is None:
                 return
             self.cancel(session_id)
+            s.events.put(_CANCELLED)  # a reader waiting between turns ends too
             self._forget(s)
 
     def status(self) -> dict:
@@ -521,10 +537,8 @@ class Engine:
                     self._ready.set()
         except Exception as e:
             log.exception("engine loop failed")
-            with self._lock:  # no event of any turn will come: every reader gets its final one now
-                for s in list(self._by_key.values()):
-                    self._fail_turn(s, "stage_failed", f"the engine failed: {type(e).__name__}: {e}",
-                                    broadcast=False)
+            # No event of any turn will come: every reader gets its final one now.
+            self._end_all("stage_failed", f"the engine failed: {type(e).__name__}: {e}")
             raise
         finally:
             self._teardown()
@@ -788,6 +802,11 @@ def _restore_message(s: _Session, stage: str) -> RestoreSession | None:
     return RestoreSession(s.key, turns, [x.counter for x in states], states[-1].rng,
                           [x.speech for x in states] if stage == "llm" else [],
                           [x.answer for x in states] if stage == "llm" else [])
+
+
+def _busy(session_id: str) -> EngineError:
+    return EngineError("busy", f"session {session_id!r} is still answering its previous turn; cancel it or wait "
+                       "for its response.done")
 
 
 def drain(q: queue.Queue) -> list:

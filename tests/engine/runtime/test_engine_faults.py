@@ -2,6 +2,7 @@
 event, it comes back, and sessions go on; shutdown and crashes leave no process and nothing in /dev/shm."""
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from omni2.engine.cli.generate import run_turn, session_options
 from omni2.engine.config import EngineConfig, Limits
 from omni2.engine.reference import ReferencePipeline
-from omni2.engine.runtime import Engine
+from omni2.engine.runtime import Engine, EngineError
 from omni2.engine.wire import shm
 from omni2.engine.wire.protocol import AudioDelta, ErrorEvent, TurnDone, UnitChunk
 
@@ -163,12 +164,21 @@ def test_shutdown_leaves_no_process_and_no_shared_memory(tiny_ckpt, tiny_vocoder
     prefix = eng.prefix
     assert len(segments(prefix)) == 7
     eng.open("s", session_options(seed=2))
+    eng.open("idle", session_options(seed=3))
+    waiting = []  # a reader of a session between turns: stop() must wake it, not leave it blocked
+    reader = threading.Thread(target=lambda: waiting.extend(eng.events("idle")), daemon=True)
+    reader.start()
     eng.submit("s", AUDIO)
     first = next(eng.events("s", timeout=60))  # mid-reply
     assert not isinstance(first, (TurnDone, ErrorEvent))
     eng.stop()
     rest = list(eng.events("s", timeout=5))
     assert isinstance(rest[-1], ErrorEvent) and rest[-1].code == "shutdown"
+    reader.join(5)
+    assert not reader.is_alive() and waiting == []
+    assert list(eng.events("s")) == []  # after the end, a read returns at once (it blocked forever)
+    with pytest.raises(EngineError, match="not running"):
+        eng.submit("idle", AUDIO)
     assert all(gone(p) for p in pids)
     assert segments(prefix) == []
     assert not os.path.exists(eng.ipc_dir)  # the ipc sockets' directory too
