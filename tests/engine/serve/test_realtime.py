@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -78,6 +79,24 @@ async def until(conn, *types: str, log: list | None = None):
         if ev.type in types:
             return ev
     raise AssertionError("connection closed")
+
+
+@contextlib.asynccontextmanager
+async def raw(daemon):
+    """A bare WebSocket to the endpoint (GA event names), past its session.created."""
+    url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"},
+                                  max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        yield ws
+
+
+async def manual_turn(conn, pcm: np.ndarray, up_to: str = "response.done", log: list | None = None):
+    """With turn detection off: the turn appended, committed and answered; its events up to `up_to`."""
+    await append(conn, pcm)
+    await conn.input_audio_buffer.commit()
+    await conn.response.create()
+    return await until(conn, up_to, log=log)
 
 
 def reply_of(events: list) -> tuple[str, np.ndarray]:
@@ -252,10 +271,7 @@ def test_response_cancel_mid_reply_then_the_next_turn(daemon):
             # Nothing to cancel now: an error event, and the connection goes on.
             await conn.response.cancel()
             err = await until(conn, "error")
-            await append(conn, question)
-            await conn.input_audio_buffer.commit()
-            await conn.response.create()
-            second = await until(conn, "response.done")
+            second = await manual_turn(conn, question)
         return cancelled, err, second
 
     cancelled, err, second = asyncio.run(talk())
@@ -329,12 +345,8 @@ def fuzz_messages(n: int, seed: int = 0) -> list:
 
 
 def test_malformed_messages_get_error_events_and_the_connection_keeps_working(daemon):
-    url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
-
     async def fuzz():
-        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                                      max_size=None) as ws:
-            assert json.loads(await ws.recv())["type"] == "session.created"
+        async with raw(daemon) as ws:
             await ws.send(json.dumps({"type": "session.update", "session": {
                 "audio": {"input": {"turn_detection": None}}}}))
             assert json.loads(await ws.recv())["type"] == "session.updated"
@@ -399,12 +411,8 @@ def test_truncate_cuts_the_answer_to_what_was_heard(daemon):
     question, interruption = wav("question.wav"), wav("interruption.wav")
 
     async def turn(conn, pcm):
-        await append(conn, pcm)
-        await conn.input_audio_buffer.commit()
-        await conn.response.create()
         events = []
-        done = await until(conn, "response.done", log=events)
-        return done, events
+        return await manual_turn(conn, pcm, log=events), events
 
     async def talk():
         async with sdk(daemon) as conn:
@@ -506,12 +514,8 @@ def test_one_append_longer_than_a_turn_becomes_two_turns(daemon):
     after it is the next turn (it was lost: the detector had already scored the whole append)."""
     speech_40s = np.tile(wav("question.wav"), 10)[: 40 * RATE]
     pcm = np.concatenate([np.zeros(RATE // 2, np.int16), speech_40s, np.zeros(3 * RATE, np.int16)])
-    url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
-
     async def talk():
-        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                                      max_size=None) as ws:
-            assert json.loads(await ws.recv())["type"] == "session.created"
+        async with raw(daemon) as ws:
             await ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
                 "type": "server_vad", "silence_duration_ms": 1500, "create_response": False}}}}}))
             assert json.loads(await ws.recv())["type"] == "session.updated"
@@ -548,19 +552,13 @@ def test_a_reply_that_fails_mid_stream_closes_its_item(daemon):
             await until(conn, "session.created")
             await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
             await until(conn, "session.updated")
-            await append(conn, question)
-            await conn.input_audio_buffer.commit()
-            await conn.response.create()
-            await until(conn, "response.output_audio.delta", log=events)
+            await manual_turn(conn, question, "response.output_audio.delta", log=events)
             killed = kill_vocoder()
             async for ev in conn:
                 events.append(ev)
                 if ev.type == "response.done":
                     break
-            await append(conn, question)
-            await conn.input_audio_buffer.commit()
-            await conn.response.create()
-            after = await until(conn, "response.done")
+            after = await manual_turn(conn, question)
         return killed, events, after
 
     killed, events, after = asyncio.run(talk())
@@ -577,12 +575,8 @@ def test_a_reply_that_fails_mid_stream_closes_its_item(daemon):
 
 
 def test_a_commit_mid_speech_commits_the_item_speech_started_named(daemon):
-    url = f"ws://127.0.0.1:{daemon.realtime_port}/v1/realtime"
-
     async def talk():
-        async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"},
-                                      max_size=None) as ws:
-            assert json.loads(await ws.recv())["type"] == "session.created"
+        async with raw(daemon) as ws:
             await ws.send(json.dumps({"type": "input_audio_buffer.append",
                                       "audio": b64(np.concatenate([np.zeros(RATE // 2, np.int16),
                                                                    wav("question.wav")]))}))
