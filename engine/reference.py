@@ -109,23 +109,19 @@ class ReferencePipeline:
         `stopped`: this token is `<|im_end|>` (VocoderInput.stopped, for the reply's last input)."""
         live = self.vocoder.schedule(session_id) == "live"
         out = self.tts.step([text_in])
-        write: list[int] = []
         while out:
             for t in out:
                 cut = pieces.push(t)
                 if cut is None:
                     continue
-                piece, end = cut
+                piece, write = cut
                 units.extend(piece)
-                write.extend(piece)
-                if end:
+                if write is not None:
                     yield UnitChunk(session_id, write, t.done, time.perf_counter())
                 if live:
                     yield from self._voice(session_id, piece, t.done, mark, stopped)
-                elif end:
+                elif write is not None:
                     yield from self._voice(session_id, write, t.done, mark, stopped)
-                if end:
-                    write = []
             out = self.tts.step()
 
     def _voice(self, session_id: str, units: list[int], final: bool, mark, stopped: bool) -> Iterator[Event]:

@@ -96,19 +96,24 @@ class UnitPieces:
     """Cuts one session's TTS tokens into the pieces the vocoder is given: a piece ends with its write (a chunk of
     Read-R-Write-W) or after W units, whichever comes first, so a long write (the final flush after <sep>, up to
     1024 units) arrives in W-unit pieces and its tail streams too. A function of the tokens alone: the engine and
-    the reference pipeline cut a reply identically."""
+    the reference pipeline cut a reply identically. It also keeps the write being cut, which is what clients get as
+    one unit chunk and `official-live` voices in one call."""
 
     def __init__(self, write: int):
-        self.write, self.units = write, []
+        self.write, self.units, self.whole = write, [], []
 
-    def push(self, t: TTSToken) -> tuple[list[int], bool] | None:
-        """The piece `t` completes, as (units, ends its write), or None."""
+    def push(self, t: TTSToken) -> tuple[list[int], list[int] | None] | None:
+        """The piece `t` completes, as (its units, the whole write when the piece ends it, else None), or None."""
         if t.unit is not None:
             self.units.append(t.unit)
         if not (t.chunk_end or len(self.units) >= self.write):
             return None
         piece, self.units = self.units, []
-        return piece, t.chunk_end
+        self.whole += piece
+        if not t.chunk_end:
+            return piece, None
+        whole, self.whole = self.whole, []
+        return piece, whole
 
 
 @dataclass

@@ -271,7 +271,6 @@ class TtsRunner(Runner):
         self.stopped: dict[str, bool] = {}  # per session whose reply's text has ended: did it end on <|im_end|>
         self.inputs: list = []
         self.pieces: dict[str, UnitPieces] = {}  # per session: the piece of its write being cut
-        self.writes: dict[str, list[int]] = {}  # per session: the units of its write so far (one chunk for clients)
 
     def _open(self, sid, options):
         _, sampling = options.seeded()
@@ -291,7 +290,6 @@ class TtsRunner(Runner):
 
     def _drop(self, sid):
         self.pieces.pop(sid, None)
-        self.writes.pop(sid, None)
         self.stopped.pop(sid, None)
         self.inputs = [x for x in self.inputs if x.session_id != sid]
 
@@ -328,13 +326,11 @@ class TtsRunner(Runner):
                 done_sids.append(t.session_id)
                 units.append(piece[0])
                 finals.append(t.done)  # never set before the write's end
-                ends.append(piece[1])
+                ends.append(piece[1] is not None)
                 stopped.append(self.stopped.get(t.session_id, True))
-                write = self.writes.setdefault(t.session_id, [])
-                write.extend(piece[0])
-                if piece[1]:
+                if piece[1] is not None:
                     chunk_sids.append(t.session_id)
-                    chunks.append(self.writes.pop(t.session_id))
+                    chunks.append(piece[1])
                     chunk_finals.append(t.done)
             if t.done:
                 self.stopped.pop(t.session_id, None)
@@ -343,7 +339,7 @@ class TtsRunner(Runner):
         if not done_sids:
             return []
         now, turns = time.perf_counter(), [self.turn[s] for s in done_sids]
-        out = [("tts_voc", TtsToVocoder(done_sids, turns, [list(u) for u in units], finals, now, ends, stopped))]
+        out = [("tts_voc", TtsToVocoder(done_sids, turns, units, finals, now, ends, stopped))]
         if chunk_sids:
             out.insert(0, ("tts_out", TtsToEngine(chunk_sids, [self.turn[s] for s in chunk_sids], chunks,
                                                   chunk_finals, now)))
